@@ -1,0 +1,45 @@
+# `make quickstart` and `make test` work from a fresh clone: they build .venv, install the pinned
+# stack, then run. torch is pinned first so no dependency can pull a CUDA build onto a CPU machine.
+# GPU users: make TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>" (see README).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.crucible-installed
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install quickstart test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+quickstart: $(STAMP)
+	$(VENV)/bin/crucible quickstart
+
+test: $(STAMP)
+	$(PY) -m ruff check crucible tests bench
+	$(PY) -m ruff format --check crucible tests bench
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check crucible tests bench
+
+format: $(STAMP)
+	$(PY) -m ruff format crucible tests bench
+	$(PY) -m ruff check --fix crucible tests bench
+
+bench: $(STAMP)
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .cache

@@ -1,0 +1,303 @@
+"""Typed configuration: pydantic models, YAML loading, dotted overrides and presets.
+
+A run is described by one `RunConfig`. It is built from a YAML file (or a shipped preset name) plus
+`a.b.c=value` overrides from the command line. Unknown keys are errors, and every validation error
+names the file, the field path and what is allowed, so a typo never trains the wrong model silently.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message meant to be shown to the user as is."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """A decoder-only Llama/SmolLM3-style transformer."""
+
+    vocab_size: int = Field(8192, ge=2, description="Rows of the embedding table.")
+    hidden_size: int = Field(256, ge=1)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(
+        4, ge=1, description="KV heads: = num_heads is MHA, 1 is MQA, in between GQA."
+    )
+    head_dim: int | None = Field(None, description="Defaults to hidden_size // num_heads.")
+    intermediate_size: int = Field(704, ge=1, description="SwiGLU inner width.")
+    max_seq_len: int = Field(256, ge=1, description="Longest sequence the model accepts.")
+    rope_theta: float = Field(10000.0, gt=0)
+    nope_interval: int = Field(
+        0, ge=0, description="N>0: layer i has no RoPE when (i+1) % N == 0 (SmolLM3 uses 4)."
+    )
+    nope_layers: list[int] = Field(
+        default_factory=list, description="Explicit 0-based layers without RoPE."
+    )
+    doc_masking: bool = Field(
+        False, description="Intra-document attention: packed documents never see each other."
+    )
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    attention_bias: bool = False
+    norm_eps: float = Field(1e-5, gt=0)
+    init_std: float = Field(0.02, gt=0)
+    z_loss: float = Field(0.0, ge=0, description="Coefficient of the z-loss (logsumexp^2).")
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                "set head_dim explicitly"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        if self.head_dim is not None and self.head_dim % 2:
+            raise ValueError("head_dim must be even for rotary embeddings")
+        bad = [i for i in self.nope_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"nope_layers {bad} outside 0..{self.num_layers - 1}")
+        return self
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def uses_rope(self, layer: int) -> bool:
+        """Whether `layer` (0-based) applies rotary embeddings."""
+        if layer in self.nope_layers:
+            return False
+        return not (self.nope_interval and (layer + 1) % self.nope_interval == 0)
+
+
+class DataConfig(_Strict):
+    """Where training text comes from. The trainer only sees shards and a tokenizer."""
+
+    corpus: Literal["stdlib"] | None = Field(
+        "stdlib",
+        description="Embedded corpus to build tokenizer and shards from when train_shards is unset.",
+    )
+    tokenizer: str | None = Field(None, description="tokenizer.json, or None to train one.")
+    train_shards: str | None = Field(None, description="Directory or glob of .ds shards.")
+    val_shards: str | None = None
+    cache_dir: str = Field(".cache/crucible/data", description="Where built data is kept.")
+    max_corpus_mb: float = Field(
+        12.0, gt=0, description="Cap on embedded-corpus text used to build shards."
+    )
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(3e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    decay_embeddings: bool = Field(True, description="Apply weight decay to embeddings.")
+    clip_grad: float | None = Field(1.0, description="Max global grad norm; null disables.")
+    fused: bool | None = Field(None, description="Fused AdamW; default: on for CUDA.")
+
+
+class ScheduleConfig(_Strict):
+    kind: Literal["constant", "cosine", "linear", "wsd"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    min_lr: float = Field(0.0, ge=0, description="LR at the end of decay (absolute).")
+    decay_fraction: float = Field(
+        0.1, gt=0, le=1, description="WSD: share of total steps spent decaying at the end."
+    )
+    decay_shape: Literal["linear", "cosine", "sqrt"] = Field("linear", description="WSD decay.")
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    seq_len: int = Field(256, ge=2)
+    global_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward pass per rank.")
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast where supported (CUDA, CPUs with bf16)."
+    )
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    log_every: int = Field(10, ge=1)
+    val_every: int = Field(100, ge=0, description="0 disables periodic validation.")
+    val_batches: int = Field(8, ge=1, description="Micro-batches per validation.")
+    threads: int | None = Field(None, description="torch CPU threads; default: torch's.")
+    wandb_project: str | None = None
+    tensorboard: bool = True
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(100, ge=0, description="Save every N steps; 0 saves only at the end.")
+    keep_last: int = Field(2, ge=1)
+
+
+class DistributedConfig(_Strict):
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    out_dir: str = Field("runs", description="Parent directory of run directories.")
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _check_run(self) -> RunConfig:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len {self.train.seq_len} exceeds model.max_seq_len "
+                f"{self.model.max_seq_len}"
+            )
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size {self.train.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size {self.train.micro_batch_size}"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".yaml")
+        for p in resources.files("crucible.presets").iterdir()
+        if p.name.endswith(".yaml")
+    )
+
+
+def _read_yaml(source: str | Path) -> tuple[dict[str, Any], str]:
+    """Read a config file or preset name; return (mapping, label used in error messages)."""
+    path = Path(source)
+    if not path.exists() and not str(source).endswith((".yaml", ".yml")):
+        if str(source) in preset_names():
+            text = resources.files("crucible.presets").joinpath(f"{source}.yaml").read_text()
+            label = f"preset '{source}'"
+        else:
+            raise ConfigError(
+                f"{source}: no such config file or preset (presets: {', '.join(preset_names())})"
+            )
+    else:
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        text, label = path.read_text(), str(path)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{label}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        # `base: tiny` inherits a preset (or another file) and overrides it.
+        parent, _ = _read_yaml(base if Path(base).is_absolute() else _resolve_base(base, path))
+        data = _deep_merge(parent, data)
+    return data, label
+
+
+def _resolve_base(base: str, child: Path) -> str:
+    candidate = child.parent / base
+    return str(candidate) if candidate.exists() else base
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _known_fields(model: type[BaseModel], path: list[str]) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}': expected key.path=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def format_validation_error(err: ValidationError, label: str) -> str:
+    lines = [f"{label}: invalid configuration"]
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        path = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _known_fields(RunConfig, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            lines.append(
+                f"  {path}: unknown key.{hint} Allowed: {', '.join(allowed)}"
+                if allowed
+                else f"  {path}: unknown key"
+            )
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {path}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a RunConfig from a YAML file or preset name plus dotted overrides."""
+    data, label = _read_yaml(source) if source is not None else ({}, "defaults")
+    for o in overrides or []:
+        apply_override(data, o)
+    if overrides:
+        label += f" (with overrides {' '.join(overrides)})"
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, label)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
