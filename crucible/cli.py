@@ -1,0 +1,207 @@
+"""`crucible <command>`: parse arguments, call one function per command, print clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from crucible.config import ConfigError, dump_config, load_config, preset_names
+
+CONFIG_HELP = (
+    "a YAML config file or a shipped preset name ({}). A file may start with `base: PRESET` "
+    "to inherit a preset"
+)
+OVERRIDES_HELP = (
+    "dotted overrides applied after the file, e.g. optim.lr=3e-4 model.num_layers=12 "
+    "train.steps=1000 (values are parsed as YAML)"
+)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from crucible.train.distributed import finish, launched_by_torchrun
+    from crucible.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=args.resume)
+    if launched_by_torchrun():
+        finish(0)
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from crucible.quickstart import quickstart
+
+    quickstart(args.overrides, out_dir=args.out_dir)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from crucible.model import generate
+    from crucible.runs import load_run_model
+    from crucible.tokenizer.train import load_tokenizer
+
+    model, _, ckpt = load_run_model(Path(args.run_dir), args.checkpoint)
+    tok = load_tokenizer(Path(args.run_dir) / "tokenizer.json")
+    gen = torch.Generator().manual_seed(args.seed)
+    eos = tok.token_to_id("<|endoftext|>")
+    for _ in range(args.num_samples):
+        ids = tok.encode(args.prompt).ids or [eos]  # an empty prompt starts a new document
+        new = generate(
+            model,
+            ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_token_id=eos,
+            generator=gen,
+        )
+        print(args.prompt + tok.decode(new))
+        if args.num_samples > 1:
+            print("-" * 40)
+    print(f"(from {ckpt})", file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from crucible.model import export_hf
+    from crucible.runs import load_run_model
+
+    run_dir = Path(args.run_dir)
+    model, _, ckpt = load_run_model(run_dir, args.checkpoint)
+    out = Path(args.out) if args.out else run_dir / "hf"
+    tok = run_dir / "tokenizer.json"
+    export_hf(model, out, tokenizer_path=str(tok) if tok.exists() else None)
+    print(f"exported {ckpt} -> {out} (load with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _cmd_count_params(args: argparse.Namespace) -> int:
+    from crucible.plan.flops import train_flops_per_token
+    from crucible.plan.params import count_params
+
+    cfg = load_config(args.config, args.overrides)
+    p = count_params(cfg.model)
+    print(f"{cfg.name}: {p.total:,} parameters")
+    for name, n in p.as_dict().items():
+        if name != "total":
+            print(f"  {name:<10} {n:>15,}  {n / p.total:6.1%}")
+    fpt = train_flops_per_token(cfg.model, cfg.train.seq_len)
+    print(f"training FLOPs per token at seq {cfg.train.seq_len}: {fpt:.4g} (6N + attention)")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from crucible.plan.params import count_params
+
+    for name in preset_names():
+        cfg = load_config(name)
+        print(f"{name:<24} {count_params(cfg.model).total / 1e6:10.2f}M params")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    presets = ", ".join(preset_names())
+    parser = argparse.ArgumentParser(
+        prog="crucible",
+        description="Crucible: plan, tokenize, pretrain, evaluate and export small LLMs.",
+        epilog="Start with `crucible quickstart`; every command has its own --help.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help=CONFIG_HELP.format(presets))
+        p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+    p = sub.add_parser(
+        "train",
+        help="pretrain a model from a config",
+        description="Pretrain a model. One process by default; under `torchrun --nproc_per_node N "
+        "-m crucible train ...` it trains with DDP or FSDP2 (distributed.strategy). Writes "
+        "runs/<name>/ with config.yaml, metrics.jsonl, checkpoints/ and summary.json.",
+    )
+    with_config(p)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue runs/<name> from its latest complete checkpoint (bit-exact on CPU)",
+    )
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "quickstart",
+        help="the whole path on the embedded corpus in a few minutes (no network)",
+        description="Train a tokenizer on the Python standard library, tokenize it into shards, "
+        "pretrain the `tiny` preset, report validation bits-per-byte, sample text, export to "
+        "the Hugging Face layout and reload it with transformers. Output: runs/quickstart/.",
+    )
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--out-dir", default="runs", help="parent of the run directory")
+    p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a run's checkpoint (KV cache)",
+        description="Sample continuations of a prompt from a run directory's latest checkpoint.",
+    )
+    p.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="step_N directory (default: latest)")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint in the Hugging Face layout",
+        description="Export safetensors + config.json + tokenizer files that "
+        "transformers.AutoModelForCausalLM loads (Llama, or SmolLM3 when NoPE layers are used).",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/hf)")
+    p.add_argument("--checkpoint", default=None, help="step_N directory (default: latest)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "count-params",
+        help="exact parameter count and FLOPs/token of a config, without building it",
+    )
+    with_config(p)
+    p.set_defaults(func=_cmd_count_params)
+
+    p = sub.add_parser("config", help="print the resolved config (file + overrides)")
+    with_config(p)
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("presets", help="list the shipped presets")
+    p.set_defaults(func=_cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        # One clear line (or a short block for config validation), no traceback.
+        if os.environ.get("CRUCIBLE_DEBUG"):
+            raise
+        print(f"crucible {args.command}: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,1 @@
+"""Data path of the pretraining engine: embedded corpus, tokenized shards, deterministic loader."""

@@ -1,0 +1,17 @@
+"""The decoder-only transformer, its Hugging Face import/export, and sampling."""
+
+from crucible.model.attention import KVCache
+from crucible.model.generate import generate
+from crucible.model.hf import export_hf, load_hf, model_config_from_hf, to_hf_config
+from crucible.model.transformer import ModelOutput, Transformer
+
+__all__ = [
+    "KVCache",
+    "ModelOutput",
+    "Transformer",
+    "export_hf",
+    "generate",
+    "load_hf",
+    "model_config_from_hf",
+    "to_hf_config",
+]

@@ -1,0 +1,75 @@
+"""Autoregressive sampling with a KV cache: one prefill pass, then one token per step."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from crucible.model.transformer import Transformer
+
+
+def _sample(
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> int:
+    """Pick the next token from fp32 logits [V]."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token once the mass before it already reaches top_p (the first always stays).
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    if generator is not None:
+        probs = probs.to(generator.device)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt_ids: list[int] | Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Continue one prompt; return only the new tokens.
+
+    temperature 0 is greedy decoding. Generation stops after max_new_tokens, after an eos token
+    (which is included in the result), or when the sequence reaches the model's max_seq_len.
+    """
+    prompt = prompt_ids.flatten().tolist() if isinstance(prompt_ids, Tensor) else list(prompt_ids)
+    if not prompt:
+        raise ValueError("generate needs a non-empty prompt")
+    max_len = model.cfg.max_seq_len
+    if len(prompt) > max_len:
+        raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len {max_len}")
+    budget = min(max_new_tokens, max_len - len(prompt))
+    if budget <= 0:
+        return []
+    stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    device = model.embed.weight.device
+
+    cache = model.new_cache(batch_size=1, max_len=len(prompt) + budget)
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    out: list[int] = []
+    while True:
+        logits = model(ids, cache=cache, logits_to_keep=1).logits
+        token = _sample(logits[0, -1], temperature, top_k, top_p, generator)
+        out.append(token)
+        # The last token needs no forward pass of its own: nothing would read its logits.
+        if token in stop or len(out) == budget:
+            return out
+        ids = torch.tensor([[token]], dtype=torch.long, device=device)

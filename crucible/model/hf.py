@@ -1,0 +1,354 @@
+"""Export to and import from the Hugging Face transformers checkpoint layout.
+
+Architectures (chosen from the config, most specific that represents it exactly):
+  * "llama" (LlamaForCausalLM): every layer uses RoPE, no QK-norm.
+  * "smollm3" (SmolLM3ForCausalLM): some layers skip RoPE (NoPE), no QK-norm.
+  * "qwen3" (Qwen3ForCausalLM): QK-norm over head_dim, every layer uses RoPE.
+Intra-document masking is a training-time choice with no config counterpart; exported models
+attend causally over the whole input, which is what inference on one document needs.
+
+Weights go into a single model.safetensors (no pickle) under transformers' parameter names, which
+our module names already follow except for the prefixes handled by `_to_hf_name`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from crucible.config import ModelConfig
+from crucible.model.transformer import Transformer
+
+_ARCHS = {
+    "llama": "LlamaForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+# Special-token spellings we recognise in a tokenizer's vocabulary, most preferred first.
+_SPECIAL_CANDIDATES = {
+    "bos_token": ["<|bos|>", "<|begin_of_text|>", "<|startoftext|>", "<s>", "<bos>"],
+    "eos_token": ["<|endoftext|>", "<|eos|>", "<|end_of_text|>", "</s>", "<eos>"],
+    "pad_token": ["<|pad|>", "<pad>"],
+    "unk_token": ["<|unk|>", "<unk>"],
+}
+
+
+# --------------------------------------------------------------------------- config
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """Which transformers architecture represents `cfg`; ValueError if none does."""
+    all_rope = all(cfg.uses_rope(i) for i in range(cfg.num_layers))
+    if cfg.qk_norm:
+        if not all_rope:
+            raise ValueError(
+                "cannot export to transformers: no architecture there combines QK-norm "
+                "(qk_norm=true) with NoPE layers (nope_interval / nope_layers)"
+            )
+        return "qwen3"
+    if not all_rope:
+        return "smollm3"
+    if cfg.hidden_size % cfg.num_heads:
+        # LlamaConfig validates this even when head_dim is given explicitly.
+        raise ValueError(
+            f"cannot export to transformers' Llama: hidden_size {cfg.hidden_size} is not a "
+            f"multiple of num_heads {cfg.num_heads}"
+        )
+    return "llama"
+
+
+def to_hf_config(
+    cfg: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None
+) -> dict[str, Any]:
+    """The config.json contents for `cfg` (see the module docstring for the architecture)."""
+    model_type = hf_model_type(cfg)
+    d: dict[str, Any] = {
+        "architectures": [_ARCHS[model_type]],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.dim_per_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps,
+        # Both spellings: transformers >= 5 reads rope_parameters, 4.x reads rope_theta.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "use_cache": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": None,
+        "torch_dtype": "float32",
+    }
+    if model_type == "llama":
+        d["mlp_bias"] = False
+    elif model_type == "smollm3":
+        d["mlp_bias"] = False
+        d["no_rope_layers"] = [int(cfg.uses_rope(i)) for i in range(cfg.num_layers)]
+        d["no_rope_layer_interval"] = cfg.nope_interval or cfg.num_layers + 1
+        d["use_sliding_window"] = False
+        d["sliding_window"] = None
+        d["layer_types"] = ["full_attention"] * cfg.num_layers
+    else:  # qwen3
+        d["use_sliding_window"] = False
+        d["sliding_window"] = None
+        d["max_window_layers"] = cfg.num_layers
+        d["layer_types"] = ["full_attention"] * cfg.num_layers
+    return d
+
+
+def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from a transformers config.json dict (llama, smollm3 or qwen3)."""
+    from transformers import AutoConfig  # deferred: importing transformers takes seconds
+
+    model_type = d.get("model_type")
+    if model_type not in _ARCHS:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(_ARCHS)}")
+    # Let transformers fill defaults and normalise legacy fields (rope_theta, torch_dtype...).
+    hc = AutoConfig.for_model(model_type, **{k: v for k, v in d.items() if k != "model_type"})
+
+    def unsupported(what: str) -> ValueError:
+        return ValueError(f"cannot load {model_type} checkpoint: {what} is not supported")
+
+    if getattr(hc, "hidden_act", "silu") != "silu":
+        raise unsupported(f"hidden_act {hc.hidden_act!r}")
+    if getattr(hc, "mlp_bias", False):
+        raise unsupported("mlp_bias")
+    if getattr(hc, "use_sliding_window", False):
+        raise unsupported("sliding-window attention")
+    rope = getattr(hc, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise unsupported(f"rope_type {rope['rope_type']!r} (RoPE scaling)")
+    theta = rope.get("rope_theta", getattr(hc, "rope_theta", 10000.0))
+
+    num_layers, heads = hc.num_hidden_layers, hc.num_attention_heads
+    head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // heads
+    nope_interval, nope_layers = 0, []
+    if model_type == "smollm3":
+        flags = list(hc.no_rope_layers)[:num_layers]
+        nope_layers = [i for i, f in enumerate(flags) if not f]
+        every = hc.no_rope_layer_interval
+        if (
+            nope_layers
+            and every
+            and [i for i in range(num_layers) if (i + 1) % every == 0] == (nope_layers)
+        ):
+            nope_interval, nope_layers = every, []
+    return ModelConfig(
+        vocab_size=hc.vocab_size,
+        hidden_size=hc.hidden_size,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=hc.num_key_value_heads or heads,
+        head_dim=None if head_dim * heads == hc.hidden_size else head_dim,
+        intermediate_size=hc.intermediate_size,
+        max_seq_len=hc.max_position_embeddings,
+        rope_theta=float(theta),
+        nope_interval=nope_interval,
+        nope_layers=nope_layers,
+        tie_embeddings=bool(hc.tie_word_embeddings),
+        qk_norm=model_type == "qwen3",
+        attention_bias=bool(getattr(hc, "attention_bias", False)),
+        norm_eps=hc.rms_norm_eps,
+        init_std=hc.initializer_range,
+    )
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _to_hf_name(name: str) -> str:
+    if name.startswith("lm_head."):
+        return name
+    if name.startswith("embed."):
+        return "model.embed_tokens." + name.removeprefix("embed.")
+    return "model." + name
+
+
+def _from_hf_name(name: str) -> str:
+    if name.startswith("model.embed_tokens."):
+        return "embed." + name.removeprefix("model.embed_tokens.")
+    return name.removeprefix("model.")
+
+
+def _unwrap(model: torch.nn.Module) -> Transformer:
+    # torch.compile wraps in `_orig_mod`, DDP / FSDP1 in `module`.
+    while not isinstance(model, Transformer):
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            raise TypeError(f"expected a crucible Transformer, got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def _full_tensor(t: Tensor) -> Tensor:
+    # FSDP2 parameters are DTensors; gathering them is a collective every rank must call.
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _special_tokens(vocab: dict[str, int]) -> dict[str, str]:
+    found = {}
+    for role, spellings in _SPECIAL_CANDIDATES.items():
+        for s in spellings:
+            if s in vocab:
+                found[role] = s
+                break
+    return found
+
+
+def _save_tokenizer(
+    tokenizer_file: Path, out_dir: Path, specials: dict[str, str], max_len: int
+) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_file), model_max_length=max_len, **specials
+    )
+    tok.save_pretrained(str(out_dir))
+
+
+# --------------------------------------------------------------------------- export / load
+
+
+def export_hf(
+    model: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer_path: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+) -> Path:
+    """Write a transformers-loadable checkpoint of `model` to out_dir and return its path.
+
+    Files: model.safetensors, config.json, generation_config.json, and with tokenizer_path (a
+    tokenizers tokenizer.json) tokenizer.json + tokenizer_config.json. bos/eos ids default to
+    recognised special tokens in the tokenizer (e.g. <|endoftext|>). dtype casts the weights
+    (default: keep). The directory is written elsewhere and renamed into place, so readers never
+    see a half-written export; an existing out_dir is replaced.
+    """
+    net = _unwrap(model)
+    cfg = net.cfg
+    out = Path(out_dir)
+    specials: dict[str, str] = {}
+    if tokenizer_path is not None:
+        from tokenizers import Tokenizer
+
+        tokenizer_path = Path(tokenizer_path)
+        vocab = Tokenizer.from_file(str(tokenizer_path)).get_vocab(with_added_tokens=True)
+        specials = _special_tokens(vocab)
+        if bos_token_id is None and "bos_token" in specials:
+            bos_token_id = vocab[specials["bos_token"]]
+        if eos_token_id is None and "eos_token" in specials:
+            eos_token_id = vocab[specials["eos_token"]]
+        if len(vocab) > cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(vocab)} tokens but the model's vocab_size is {cfg.vocab_size}"
+            )
+    hf_cfg = to_hf_config(cfg, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+
+    tensors: dict[str, Tensor] = {}
+    for name, t in net.state_dict().items():
+        t = _full_tensor(t).detach().to("cpu")
+        if dtype is not None:
+            t = t.to(dtype)
+        tensors[_to_hf_name(name)] = t.contiguous()
+    hf_cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        gen = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer_path is not None:
+            _save_tokenizer(tokenizer_path, tmp, specials, cfg.max_seq_len)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename src to dst; an existing dst is moved aside first and deleted afterwards."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    single = path / "model.safetensors"
+    if single.exists():
+        return load_file(str(single))
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    tensors: dict[str, Tensor] = {}
+    for shard in shards:
+        tensors.update(load_file(str(path / shard)))
+    return tensors
+
+
+def load_hf(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+) -> Transformer:
+    """Build a Transformer from a transformers checkpoint directory (config.json + safetensors).
+
+    dtype casts the weights (default fp32, what training expects; None keeps the stored dtype).
+    """
+    path = Path(path)
+    cfg = model_config_from_hf(json.loads((path / "config.json").read_text()))
+    hf = _read_safetensors(path)
+
+    state: dict[str, Tensor] = {}
+    for name, t in hf.items():
+        ours = _from_hf_name(name)
+        if ours.endswith("rotary_emb.inv_freq"):
+            continue  # old checkpoints stored the RoPE table; we recompute it
+        if ours == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # some tied checkpoints also store the (identical) output matrix
+        state[ours] = t if dtype is None else t.to(dtype)
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: checkpoint does not match the config "
+            f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})"
+        )
+    model.load_state_dict(state, assign=True)
+    model.init_buffers()  # the RoPE table is still on the meta device
+    return model.to(device)

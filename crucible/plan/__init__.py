@@ -1,0 +1,1 @@
+"""Planning arithmetic: parameters, FLOPs and hardware figures, each in one place."""

@@ -1,0 +1,1 @@
+"""Plots and HTML/Markdown rendering shared by every command."""

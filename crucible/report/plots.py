@@ -1,0 +1,38 @@
+"""Loss curves from metrics.jsonl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from crucible.train.metrics import read_metrics  # noqa: E402
+
+
+def plot_loss_curve(run_dir: Path, out: Path | None = None) -> Path:
+    """Training loss (and validation loss when logged) against tokens seen."""
+    run_dir = Path(run_dir)
+    out = out or run_dir / "loss.png"
+    train = read_metrics(run_dir, "train")
+    val = read_metrics(run_dir, "val")
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train loss")
+    if val:
+        ax.plot(
+            [r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss"
+        )
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,123 @@
+"""A short Markdown + HTML report of one run: config, metrics, samples, where things are."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from crucible.train.metrics import read_metrics
+
+
+def write_run_report(
+    run_dir: Path, samples: list[tuple[str, str]] | None = None, extra: dict | None = None
+) -> tuple[Path, Path]:
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    val = read_metrics(run_dir, "val")
+    train = read_metrics(run_dir, "train")
+    lines = [f"# Run `{run_dir.name}`", ""]
+    if summary:
+        lines += [
+            f"- parameters: {summary.get('params', 0):,}",
+            f"- steps: {summary.get('step')}, tokens: {summary.get('tokens', 0):,}",
+            f"- final validation loss: {summary.get('val_loss', float('nan')):.4f} nats/token, "
+            f"bits-per-byte: {summary.get('val_bpb', float('nan')):.4f}",
+        ]
+    if train:
+        first, last = train[0], train[-1]
+        speed = sum(r["tokens_per_s"] for r in train) / len(train)
+        lines.append(
+            f"- training loss {first['loss']:.3f} (step {first['step']}) -> "
+            f"{last['loss']:.3f} (step {last['step']}), mean {speed:,.0f} tokens/s"
+        )
+    for k, v in (extra or {}).items():
+        lines.append(f"- {k}: {v}")
+    lines += ["", "![loss curve](loss.png)", ""]
+    if val:
+        lines += ["## Validation", "", "| step | tokens | loss | bits/byte |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['step']} | {r['tokens']:,} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} |"
+            for r in val
+        ]
+        lines.append("")
+    if samples:
+        lines += ["## Samples", ""]
+        for prompt, text in samples:
+            lines += [f"**Prompt:** `{prompt}`", "", "```", prompt + text, "```", ""]
+    lines += [
+        "## Files",
+        "",
+        "`config.yaml` (resolved config), `metrics.jsonl`, `checkpoints/`, `tokenizer.json`, "
+        "`loss.png`, `hf/` (Hugging Face export, when exported).",
+        "",
+    ]
+    md = "\n".join(lines)
+    md_path = run_dir / "report.md"
+    md_path.write_text(md)
+    html_path = run_dir / "report.html"
+    html_path.write_text(_markdown_to_html(md, run_dir.name))
+    return md_path, html_path
+
+
+def _markdown_to_html(md: str, title: str) -> str:
+    """Enough Markdown for our own reports: headings, bullets, tables, code, images."""
+    out, in_code, in_table, in_list = [], False, False, False
+    for line in md.splitlines():
+        if line.startswith("```"):
+            out.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            out.append(html.escape(line))
+            continue
+        if in_list and not line.startswith("- "):
+            out.append("</ul>")
+            in_list = False
+        if in_table and not line.startswith("|"):
+            out.append("</table>")
+            in_table = False
+        if line.startswith("# "):
+            out.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            out.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("- "):
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
+            out.append(f"<li>{_inline(line[2:])}</li>")
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= {"-"}:
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+            out.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+        elif line.startswith("!["):
+            alt, src = line[2:].split("](", 1)
+            out.append(f'<img alt="{html.escape(alt)}" src="{html.escape(src.rstrip(")"))}">')
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+    if in_list:
+        out.append("</ul>")
+    if in_table:
+        out.append("</table>")
+    style = (
+        "body{font-family:sans-serif;max-width:900px;margin:2em auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
+        "pre{background:#f4f4f4;padding:8px;white-space:pre-wrap}img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
+    )
+
+
+def _inline(text: str) -> str:
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts)).replace(
+        "**", ""
+    )

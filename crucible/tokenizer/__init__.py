@@ -1,0 +1,1 @@
+"""Tokenizer training and loading (byte-level BPE with HF `tokenizers`)."""

@@ -1,0 +1,94 @@
+"""Metrics: `metrics.jsonl` first (one JSON object per event), TensorBoard and W&B as mirrors."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from crucible.plan.hardware import lookup_accelerator
+
+console = Console(highlight=False, soft_wrap=True)  # log lines stay whole in files
+
+
+class MetricsLogger:
+    """Appends events to run_dir/metrics.jsonl; mirrors scalars to TensorBoard/W&B if enabled."""
+
+    def __init__(
+        self, run_dir: Path, tensorboard: bool = True, wandb_project: str | None = None, cfg=None
+    ):
+        self.path = run_dir / "metrics.jsonl"
+        self._tb = None
+        self._wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                self._tb = None  # TensorBoard is optional
+        if wandb_project:
+            import wandb  # optional; the user asked for it, so a missing package is an error
+
+            self._wandb = wandb.init(
+                project=wandb_project, name=run_dir.name, config=cfg, dir=str(run_dir)
+            )
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop events logged after the checkpoint so curves have no duplicates."""
+        if not self.path.exists():
+            return
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def log(self, event: str, step: int, **values: Any) -> None:
+        record = {"event": event, "step": step, "time": round(time.time(), 3), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in values.items() if isinstance(v, int | float)}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(f"{event}/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{event}/{k}": v for k, v in scalars.items()}, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: Path, event: str | None = None) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if event is None or r.get("event") == event]
+
+
+def peak_flops(device_type: str, device_index: int = 0) -> tuple[float | None, str]:
+    """Dense bf16 peak FLOP/s of this device from the hardware table, with its name."""
+    if device_type != "cuda":
+        return None, device_type
+    import torch
+
+    name = torch.cuda.get_device_name(device_index)
+    acc = lookup_accelerator(name)
+    return (acc.bf16_dense_tflops * 1e12, acc.name) if acc else (None, name)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"

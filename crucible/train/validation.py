@@ -1,0 +1,50 @@
+"""Held-out loss and bits-per-byte.
+
+Bits-per-byte divides the summed next-token loss (in bits) by the UTF-8 bytes of the predicted
+tokens, so models with different tokenizers are comparable: bpb = sum(nats) / (ln 2 * sum(bytes)).
+Special tokens (document separators) carry no text bytes; their loss is left out of both sums.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from crucible.train.distributed import all_reduce_sum
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    batches: list,
+    token_bytes: torch.Tensor,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> dict[str, float]:
+    """Mean token loss and bits-per-byte over `batches` (summed across ranks)."""
+    was_training = model.training
+    model.eval()
+    token_bytes = token_bytes.to(device)
+    nats = n_tokens = bpb_nats = n_bytes = 0.0
+    for batch in batches:
+        batch = batch.to(device)
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        with ctx:
+            out = model(batch.tokens, batch.targets, doc_ids=batch.doc_ids, reduction="none")
+        loss = out.loss.float()
+        nbytes = token_bytes[batch.targets]
+        text = nbytes > 0
+        nats += loss.sum().item()
+        n_tokens += loss.numel()
+        bpb_nats += loss[text].sum().item()
+        n_bytes += nbytes.sum().item()
+    nats, n_tokens, bpb_nats, n_bytes = all_reduce_sum([nats, n_tokens, bpb_nats, n_bytes], device)
+    model.train(was_training)
+    return {
+        "val_loss": nats / max(n_tokens, 1),
+        "val_bpb": bpb_nats / (math.log(2) * max(n_bytes, 1)),
+        "val_tokens": int(n_tokens),
+    }

@@ -1,0 +1,115 @@
+"""End-to-end training: the run directory, resume bit-exactness, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from crucible.config import ConfigError, load_config
+from crucible.train.checkpoint import list_checkpoints
+from crucible.train.trainer import train
+
+
+def _cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "crucible", *args], capture_output=True, text=True, **kw
+    )
+
+
+def test_train_writes_complete_run_directory(small_overrides):
+    cfg = load_config(
+        "tiny",
+        [*small_overrides, "name=e2e", "train.steps=12", "train.val_every=6",
+         "train.log_every=3", "checkpoint.every=4", "checkpoint.keep_last=2",
+         "schedule.warmup_steps=2"],
+    )  # fmt: skip
+    result = train(cfg, quiet=True)
+    run = cfg.run_dir
+    assert load_config(run / "config.yaml") == cfg
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_ev = [e for e in events if e["event"] == "train"]
+    val_ev = [e for e in events if e["event"] == "val"]
+    assert [e["step"] for e in train_ev] == [3, 6, 9, 12]
+    assert [e["step"] for e in val_ev] == [6, 12]
+    assert train_ev[-1]["loss"] < train_ev[0]["loss"]
+    assert 0 < val_ev[-1]["val_bpb"] < 8
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [8, 12]  # keep_last=2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 12 and summary["val_loss"] == pytest.approx(result.val["val_loss"])
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "exited early"
+        if metrics.exists():
+            steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if x]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} never logged")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_identical(small_overrides, tmp_path):
+    common = [*small_overrides, "train.steps=14", "train.log_every=1", "train.val_every=5",
+              "checkpoint.every=3", "train.dtype=fp32"]  # fmt: skip
+    ref = _cli(["train", "tiny", *common, "name=reference"])
+    assert ref.returncode == 0, ref.stderr
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "crucible", "train", "tiny", *common, "name=killed"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    run_dir = tmp_path / "runs" / "killed"
+    _wait_for_step(run_dir, 8, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists()
+    resumed = _cli(["train", "tiny", *common, "name=killed", "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stdout
+    a = load_file(str(tmp_path / "runs/reference/checkpoints/step_000014/model.safetensors"))
+    b = load_file(str(run_dir / "checkpoints/step_000014/model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # exact, element for element
+    # the resumed run's metrics have no duplicate steps
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["event"] == "train"]  # fmt: skip
+    assert steps == list(range(1, 15))
+
+
+def test_bad_input_fails_before_creating_a_run(small_overrides, tmp_path):
+    runs = tmp_path / "runs"
+
+    def fails(extra: list[str], expect: str) -> None:
+        out = _cli(["train", "tiny", *small_overrides, *extra])
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert expect in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+        assert not any(runs.glob("*/summary.json"))
+
+    fails(["name=a", "data.tokenizer=/nonexistent/tokenizer.json"], "/nonexistent/tokenizer.json")
+    fails(["name=b", "model.vocab_size=100"], "model.vocab_size")
+    fails(["name=c", "train.seq_len=128"], "max_seq_len")
+    fails(["name=d", "optim.lrr=1"], "optim.lrr")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    fails(["name=e", f"out_dir={blocker}/runs"], "not writable")
+    fails(["name=f", "data.train_shards=/nonexistent/shards", "data.val_shards=/x",
+           "data.tokenizer=/x"], "/nonexistent")  # fmt: skip
+    assert not (runs / "b").exists() and not (runs / "c").exists()
+
+
+def test_existing_run_needs_resume(small_overrides):
+    cfg = load_config("tiny", [*small_overrides, "name=twice", "train.steps=2"])
+    train(cfg, quiet=True)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg, quiet=True)
