@@ -19,10 +19,10 @@ section() { # name, seconds, command...
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$log"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$log"
 section kernels 30 python3 bench/kernels.py --json "$OUT/kernels.json"
-section hf-equivalence 60 python3 bench/hf_equivalence.py --preset llama3.2-1b-ablation --json "$OUT/hf_equivalence.json"
-section engine-eager 45 python3 bench/engine_mfu.py --preset llama3.2-1b-ablation --micro 3 --cells eager --json "$OUT/engine_eager.json"
-section vs-transformers 50 python3 bench/train_throughput.py --shape 1b --seq 4096 --batch 2 --dtypes bf16 --modes eager --steps 4 --warmup 2 --json "$OUT/vs_transformers.json"
-section engine-compiled 110 python3 bench/engine_mfu.py --preset llama3.2-1b-ablation --micro 3 --cells compiled --json "$OUT/engine_compiled.json"
+section hf-equivalence 50 python3 bench/hf_equivalence.py --preset llama3.2-1b-ablation --json "$OUT/hf_equivalence.json"
+section engine-eager 60 python3 bench/engine_mfu.py --preset llama3.2-1b-ablation --micro 3 --cells eager --json "$OUT/engine_eager.json"
+section vs-transformers 45 python3 bench/train_throughput.py --shape 1b --seq 4096 --batch 2 --dtypes bf16 --modes eager --steps 4 --warmup 2 --json "$OUT/vs_transformers.json"
+section engine-compiled 100 python3 bench/engine_mfu.py --preset llama3.2-1b-ablation --micro 3 --cells compiled --json "$OUT/engine_compiled.json"
 section train-cuda 45 python3 -m crucible train tiny name=gpu out_dir=/tmp/runs train.steps=60 train.global_batch_size=64 train.micro_batch_size=64 train.log_every=20 train.val_every=0 data.cache_dir=/tmp/data
 cp /tmp/runs/gpu/metrics.jsonl "$OUT/train_cuda_metrics.jsonl" 2>/dev/null
 echo "=== all sections done" | tee -a "$log"
