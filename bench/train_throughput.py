@@ -70,11 +70,13 @@ def build_pair(cfg: ModelConfig, device: torch.device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    ours = Transformer(cfg).to(device)
+    with torch.device(device):  # initialise on the device: CPU init of 1B params takes long
+        ours = Transformer(cfg)
     hf_cfg = to_hf_config(cfg)
     config = AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
     config._attn_implementation = "sdpa"
-    theirs = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    with torch.device(device):
+        theirs = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return ours, theirs
 
 
