@@ -20,6 +20,7 @@ import torch
 
 from crucible.config import load_config
 from crucible.model import Transformer
+from crucible.train.trainer import compile_model
 from crucible.plan.flops import train_flops_per_token
 from crucible.plan.hardware import lookup_accelerator
 
@@ -42,8 +43,7 @@ def run_cell(cfg, micro: int, steps: int, warmup: int, compile_: bool, doc: bool
     with torch.device(device):
         model = Transformer(model_cfg)
     if compile_:
-        for block in model.layers:
-            block.compile()
+        compile_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     seq = cfg.train.seq_len
     gen = torch.Generator().manual_seed(0)

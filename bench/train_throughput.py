@@ -23,6 +23,7 @@ import torch
 
 from crucible.config import ModelConfig
 from crucible.model import Transformer
+from crucible.train.trainer import compile_model
 from crucible.model.hf import to_hf_config
 
 SHAPES = {
@@ -111,8 +112,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             ours, theirs = build_pair(cfg, device)
             if mode == "compiled":
-                for block in ours.layers:  # what `train.compile: true` does
-                    block.compile()
+                compile_model(ours)  # what `train.compile: true` does in one process
                 theirs = torch.compile(theirs)
             batch = x
             t_ours = time_training(ours, ours_loss, batch, device, dtype, args.steps, args.warmup)

@@ -86,7 +86,7 @@ def test_sigkill_then_resume_is_bitwise_identical(small_overrides, tmp_path):
     assert steps == list(range(1, 15))
 
 
-def test_bad_input_fails_before_creating_a_run(small_overrides, tmp_path):
+def test_bad_input_fails_before_creating_a_run(small_overrides, data_cache, tmp_path):
     runs = tmp_path / "runs"
 
     def fails(extra: list[str], expect: str) -> None:
@@ -105,6 +105,10 @@ def test_bad_input_fails_before_creating_a_run(small_overrides, tmp_path):
     fails(["name=e", f"out_dir={blocker}/runs"], "not writable")
     fails(["name=f", "data.train_shards=/nonexistent/shards", "data.val_shards=/x",
            "data.tokenizer=/x"], "/nonexistent")  # fmt: skip
+    given = next(data_cache.glob("stdlib-*"))  # 512-token shards, given explicitly
+    fails(["name=g", "model.vocab_size=384", f"data.tokenizer={given / 'tokenizer.json'}",
+           f"data.train_shards={given / 'train'}", f"data.val_shards={given / 'val'}"],
+          "384")  # fmt: skip
     assert not (runs / "b").exists() and not (runs / "c").exists()
 
 

@@ -4,7 +4,9 @@ For large vocabularies the fp32 logits of a micro-batch dwarf everything else (3
 128k vocab x 4 bytes = 6 GiB, plus as much again for their gradient). Both paths below work on
 chunks of rows so that only one chunk of logits exists at a time:
 
-* training (mean/sum reduction, gradients needed): a custom autograd function computes the
+* training under torch.compile when all rows fit in one chunk: plain autograd, which the
+  compiler fuses (no extra memory: one chunk is all the rows).
+* training (mean/sum reduction, gradients needed) over several chunks: a custom autograd function computes the
   gradients of the summed loss with respect to the hidden states and the output weight while it
   has each chunk's logits at hand, and scales them by the incoming gradient in backward. This
   costs the same three matmuls as an ordinary lm_head + cross-entropy, with no recomputation.
@@ -122,6 +124,15 @@ def linear_cross_entropy(
     n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
 
+    if needs_grad and reduction != "none" and h.shape[0] <= chunk and torch.compiler.is_compiling():
+        # Under torch.compile, with every row in one chunk: plain autograd keeps no more than a
+        # chunk would, and the compiler fuses it with the model (the custom Function would not).
+        # Eager mode keeps the Function: computing the gradient in the forward pass is faster.
+        _, lse, ce = _chunk_stats(h, w, targets)
+        z_sum = torch.where(targets != IGNORE_INDEX, lse.square(), 0.0).sum()
+        total = ce.sum() + z_coef * z_sum
+        z_loss = z_sum.detach() / n_valid
+        return (total / n_valid if reduction == "mean" else total), z_loss
     if needs_grad and reduction != "none":
         total, _ce, z_sum = _SummedLinearCrossEntropy.apply(h, w, targets, z_coef, chunk)
         z_loss = z_sum / n_valid

@@ -144,7 +144,11 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"sequence of {past + T} tokens exceeds model max_seq_len {cfg.max_seq_len}"
             )
-        if input_ids.device.type == "cpu" and input_ids.numel():
+        if (
+            input_ids.device.type == "cpu"
+            and input_ids.numel()
+            and not torch.compiler.is_compiling()
+        ):
             # Cheap on CPU; on GPU it would force a sync, and the embedding asserts anyway.
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= cfg.vocab_size:
