@@ -20,9 +20,9 @@ import torch
 
 from crucible.config import load_config
 from crucible.model import Transformer
-from crucible.train.trainer import compile_model
 from crucible.plan.flops import train_flops_per_token
 from crucible.plan.hardware import lookup_accelerator
+from crucible.train.trainer import compile_model
 
 
 def synthetic_doc_ids(batch: int, seq: int, mean_doc: int, gen: torch.Generator) -> torch.Tensor:
