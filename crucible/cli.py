@@ -80,6 +80,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from crucible.report.plots import plot_loss_curve
+    from crucible.report.run_report import write_run_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a run directory?)")
+    plot = plot_loss_curve(run_dir)
+    md, html = write_run_report(run_dir)
+    print(f"wrote {plot}, {md}, {html}")
+    return 0
+
+
 def _cmd_count_params(args: argparse.Namespace) -> int:
     from crucible.plan.flops import train_flops_per_token
     from crucible.plan.params import count_params
@@ -174,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/hf)")
     p.add_argument("--checkpoint", default=None, help="step_N directory (default: latest)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "report",
+        help="loss curve and Markdown/HTML report of a run directory",
+        description="(Re)write RUN_DIR/loss.png, report.md and report.html from metrics.jsonl; "
+        "works on unfinished runs too.",
+    )
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(
         "count-params",

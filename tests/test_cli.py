@@ -4,7 +4,9 @@ import pytest
 
 from crucible.cli import build_parser, main
 
-COMMANDS = ["train", "quickstart", "generate", "export", "count-params", "config", "presets"]
+COMMANDS = [
+    "train", "quickstart", "generate", "export", "report", "count-params", "config", "presets"
+]  # fmt: skip
 
 
 def test_every_command_has_help(capsys):

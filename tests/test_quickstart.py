@@ -65,4 +65,5 @@ def test_generate_and_export_commands(quick_run: Path, tmp_path: Path):
                  "--temperature", "0")  # fmt: skip
     assert again.stdout == out.stdout  # greedy decoding is deterministic
     _cli("export", str(quick_run), "--out", str(tmp_path / "exported"))
+    _cli("report", str(quick_run))
     assert (tmp_path / "exported" / "model.safetensors").is_file()
