@@ -210,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=_cmd_presets)
+
+    # Command groups of the other lifecycle steps live beside their code.
+    from crucible.data.commands import register as register_data
+
+    register_data(sub)
     return parser
 
 

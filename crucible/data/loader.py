@@ -32,16 +32,24 @@ class Batch:
     tokens: torch.Tensor  # int64 [B, T]: model inputs
     targets: torch.Tensor  # int64 [B, T]: next tokens (tokens shifted by one)
     doc_ids: torch.Tensor  # int64 [B, T]: 0 at each row start, +1 after every EOS input token
+    # int64 [B]: index of the source each row was drawn from (MixtureLoader); None otherwise.
+    source_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
             self.tokens.to(device, non_blocking=non_blocking),
             self.targets.to(device, non_blocking=non_blocking),
             self.doc_ids.to(device, non_blocking=non_blocking),
+            self.source_ids,  # bookkeeping: stays on the host
         )
 
     def pin_memory(self) -> Batch:
-        return Batch(self.tokens.pin_memory(), self.targets.pin_memory(), self.doc_ids.pin_memory())
+        return Batch(
+            self.tokens.pin_memory(),
+            self.targets.pin_memory(),
+            self.doc_ids.pin_memory(),
+            self.source_ids,
+        )
 
     @property
     def num_tokens(self) -> int:

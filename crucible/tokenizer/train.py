@@ -24,7 +24,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+BOS_TOKEN = "<|begin_of_text|>"
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (EOS_TOKEN, PAD_TOKEN, "<|im_start|>", "<|im_end|>")
+# `crucible tokenizer train` also reserves a BOS token; appended, so the ids above stay put.
+LAB_SPECIAL_TOKENS: tuple[str, ...] = (*DEFAULT_SPECIAL_TOKENS, BOS_TOKEN)
 BYTE_ALPHABET_SIZE = 256
 
 
@@ -50,12 +53,14 @@ def train_tokenizer(
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
     min_frequency: int = 2,
     round_to: int = 128,
+    split_digits: bool = False,
 ) -> Path:
     """Train byte-level BPE on `texts` and save it; returns the tokenizer.json path.
 
     `out_path` is a ``.json`` file or a directory (then ``<dir>/tokenizer.json``). The final
     vocabulary has exactly ``round_up(vocab_size, round_to)`` entries. Special tokens come first,
-    ``special_tokens[0]`` is the EOS token.
+    ``special_tokens[0]`` is the EOS token. `split_digits` makes every digit its own pre-token
+    (PaLM / DeepSeek style), so numbers are spelled digit by digit and never merged.
     """
     if not special_tokens:
         raise ValueError("special_tokens must contain at least the EOS token")
@@ -67,7 +72,12 @@ def train_tokenizer(
             f"({BYTE_ALPHABET_SIZE} bytes + {len(special_tokens)} special tokens)"
         )
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=target,
@@ -90,6 +100,7 @@ def train_tokenizer(
             "tokenizer_class": "PreTrainedTokenizerFast",
             "eos_token": special_tokens[0],
             "pad_token": PAD_TOKEN if PAD_TOKEN in special_tokens else None,
+            "bos_token": BOS_TOKEN if BOS_TOKEN in special_tokens else None,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
         }

@@ -1,0 +1,277 @@
+"""CLI commands for data and tokenizers: `crucible tokenizer train|eval`, `crucible data
+process|tokenize|mixture`. `register(subparsers)` adds them to the main parser; each leaf sets
+``func`` (returning an exit code), as the other commands do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+DEFAULT_VOCAB = 8192
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _input_texts(specs: list[str], text_field: str, max_mb: float | None) -> Iterator[str]:
+    """Texts of files/globs/directories (JSONL by suffix, else plain text) or `stdlib[:SUBSET]`."""
+    from crucible.data.sources import SourceConfig, iter_source
+
+    budget = int(max_mb * 1e6) if max_mb else None
+    used = 0
+    for spec in specs:
+        if spec == "stdlib" or spec.startswith("stdlib:"):
+            subset = spec.partition(":")[2] or None
+            cfg = SourceConfig(name="stdlib", kind="stdlib", subset=subset, max_mb=max_mb)
+        else:
+            kind = "jsonl" if re.search(r"\.jsonl(\.gz)?$|\.json$", spec) else "text"
+            cfg = SourceConfig(name="input", kind=kind, paths=[spec], text_field=text_field)
+        for doc in iter_source(cfg):
+            if budget is not None and used >= budget:
+                return
+            used += len(doc.text.encode())
+            yield doc.text
+
+
+def _pairs(values: list[str], what: str) -> list[tuple[str, str]]:
+    out = []
+    for v in values:
+        label, sep, rest = v.partition("=")
+        if not sep or not label or not rest:
+            raise ValueError(f"{what} {v!r}: expected LABEL=VALUE")
+        out.append((label, rest))
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from crucible.tokenizer.train import LAB_SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+
+    specials = tuple(args.special_tokens.split(",")) if args.special_tokens else LAB_SPECIAL_TOKENS
+    texts = _input_texts(args.inputs, args.text_field, args.max_mb)
+    path = train_tokenizer(
+        texts,
+        args.vocab_size,
+        args.out,
+        special_tokens=specials,
+        min_frequency=args.min_frequency,
+        round_to=args.round_to,
+        split_digits=args.split_digits,
+    )
+    n = load_tokenizer(path).get_vocab_size(with_added_tokens=True)
+    print(f"wrote {path} ({n} tokens; special: {', '.join(specials)})")
+    return 0
+
+
+def _cmd_tokenizer_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from crucible.tokenizer.metrics import EvalCorpus, evaluate_tokenizers
+    from crucible.tokenizer.report import bar_chart, metrics_table, write_json
+
+    names, paths = [], []
+    for spec in args.tokenizers:
+        label, sep, path = spec.partition("=")
+        names.append(label if sep else None)
+        paths.append(path if sep else spec)
+    langs = dict(_pairs(args.lang or [], "--lang"))
+    corpora = []
+    for label, spec in _pairs(args.corpus, "--corpus"):
+        text = "\n".join(_input_texts([spec], args.text_field, args.max_mb))
+        lang = langs.get(label, label if re.fullmatch(r"[a-z]{2,3}", label) else None)
+        corpora.append(EvalCorpus(label, text, lang))
+    rows = evaluate_tokenizers(paths, corpora, args.splitter, args.collapse_whitespace, names=names)
+    Console().print(metrics_table(rows))
+    out = Path(args.out)
+    print(f"wrote {write_json(rows, out / 'tokenizer_metrics.json')}")
+    print(f"wrote {bar_chart(rows, out / 'tokenizer_metrics.png')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _cmd_data_process(args: argparse.Namespace) -> int:
+    from crucible.data.pipeline import load_pipeline, run_pipeline
+
+    cfg = load_pipeline(args.pipeline)
+    stats = run_pipeline(cfg, show_progress=sys.stderr.isatty())
+    print(f"{stats['docs_in']} documents in, {stats['docs_out']} kept ({stats['seconds']} s)")
+    for reason, n in stats["removed_by_reason"].items():
+        print(f"  removed {n:>8}  {reason}")
+    print(f"wrote {cfg.output}/ (stats.json, removed_sample.jsonl, one .jsonl per source)")
+    if "tokenize" in stats:
+        for name, s in stats["tokenize"]["sources"].items():
+            print(f"  shards {name}: {s['tokens']:,} tokens, {s['docs']:,} docs")
+    return 0
+
+
+def _cmd_data_tokenize(args: argparse.Namespace) -> int:
+    from crucible.data.tokenize import tokenize_jsonl_dir, tokenize_jsonl_files
+
+    kwargs = dict(
+        num_workers=args.workers,
+        shard_tokens=args.shard_tokens,
+        text_field=args.text_field,
+        show_progress=sys.stderr.isatty(),
+    )
+    if len(args.inputs) == 1 and Path(args.inputs[0]).is_dir():
+        summary = tokenize_jsonl_dir(args.inputs[0], args.tokenizer, args.out, **kwargs)
+    else:
+        files = [Path(p) for p in args.inputs]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"no such file: {f}")
+        summary = tokenize_jsonl_files(files, args.tokenizer, args.out, **kwargs)
+    for name, s in summary["sources"].items():
+        print(f"{args.out}/{name}: {s['tokens']:,} tokens, {s['docs']:,} docs ({s['dtype']})")
+    return 0
+
+
+def _cmd_data_mixture(args: argparse.Namespace) -> int:
+    import yaml
+
+    from crucible.data.mixture import plan_epochs
+
+    plan = yaml.safe_load(Path(args.plan).read_text()) or {}
+    available = dict(plan.get("available") or {})
+    if "shards" in plan:  # token counts from a `data tokenize` output
+        root = Path(args.plan).parent / plan["shards"]
+        summary = json.loads((root / "sources.json").read_text())
+        available.update({k: v["tokens"] for k, v in summary["sources"].items()})
+    stages = [(s["name"], float(s["tokens"]), s["weights"]) for s in plan.get("stages", [])]
+    if not stages:
+        raise ValueError(f"{args.plan}: no stages")
+    missing = {src for _, _, w in stages for src in w} - set(available)
+    if missing:
+        raise ValueError(f"{args.plan}: no available token count for {sorted(missing)}")
+    print(f"{'stage':<12} {'source':<16} {'tokens':>14} {'epochs':>8} {'max share':>10}")
+    for r in plan_epochs(stages, available, args.max_epochs):
+        flag = "  <- over the epoch ceiling" if r["warning"] else ""
+        print(
+            f"{r['stage']:<12} {r['source']:<16} {r['tokens']:>14.4g} "
+            f"{r['epochs_cumulative']:>8.2f} {r['max_share']:>10.2%}{flag}"
+        )
+    return 0
+
+
+# ----------------------------------------------------------------------------- wiring
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `tokenizer` and `data` command groups to the top-level subparsers."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    tok = subparsers.add_parser("tokenizer", help="train and compare tokenizers")
+    tsub = tok.add_subparsers(dest="tokenizer_command", required=True)
+
+    p = tsub.add_parser(
+        "train",
+        help="train a byte-level BPE tokenizer (tokenizer.json)",
+        description="Byte-level BPE with HF tokenizers. The vocabulary is padded with reserved "
+        "special tokens to exactly --vocab-size rounded up to --round-to. Special tokens take "
+        "the first ids (EOS first). The output loads with transformers.PreTrainedTokenizerFast.",
+        formatter_class=fmt,
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help="text files, directories or globs (.jsonl read as JSONL), or stdlib[:SUBSET] "
+        "for the embedded corpus (SUBSET: stdlib-code, stdlib-docs, pydoc-topics)",
+    )
+    p.add_argument("--out", required=True, help="output directory (or a .json file)")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB)
+    p.add_argument("--round-to", type=int, default=128, help="round the vocabulary up to this")
+    p.add_argument("--split-digits", action="store_true", help="one token per digit")
+    p.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair")
+    p.add_argument(
+        "--special-tokens",
+        help="comma-separated, EOS first (default: <|endoftext|>, <|pad|>, <|im_start|>, "
+        "<|im_end|>, <|begin_of_text|>)",
+    )
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--max-mb", type=float, help="use at most this many MB of text")
+    p.set_defaults(func=_cmd_tokenizer_train)
+
+    p = tsub.add_parser(
+        "eval",
+        help="fertility, continued words, bytes/chars per token: table + bar chart",
+        description="Compare tokenizers on corpora. Fertility = tokens per word (each word "
+        "encoded alone); continued words = share of words of 2+ tokens; bytes/chars per token "
+        "on the whole text. Words come from a per-language splitter (regex, or spaCy's rules "
+        "when installed).",
+        formatter_class=fmt,
+    )
+    p.add_argument(
+        "tokenizers",
+        nargs="+",
+        help="tokenizer.json files or tokenizer directories, optionally NAME=PATH",
+    )
+    p.add_argument(
+        "--corpus",
+        action="append",
+        required=True,
+        help="LABEL=PATH (file, dir, glob, .jsonl, or stdlib[:SUBSET]); repeat. A 2-3 letter "
+        "LABEL (en, fr...) is also the language",
+    )
+    p.add_argument("--lang", action="append", help="LABEL=CODE: language of a corpus")
+    p.add_argument("--splitter", choices=("auto", "regex", "spacy"), default="auto")
+    p.add_argument(
+        "--collapse-whitespace",
+        action="store_true",
+        help="collapse whitespace runs first (prose: indentation would dominate bytes/token)",
+    )
+    p.add_argument("--max-mb", type=float, default=2.0, help="text cap per corpus")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--out", default="tokenizer-eval", help="where the JSON and PNG go")
+    p.set_defaults(func=_cmd_tokenizer_eval)
+
+    data = subparsers.add_parser("data", help="process, tokenize and mix training data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+
+    p = dsub.add_parser(
+        "process",
+        help="filter and deduplicate sources as a pipeline.yaml says",
+        description="Run sources through quality filters (gopher_quality, gopher_repetition, "
+        "c4, fineweb_quality, span_repeats, language) and dedup (exact_dedup, minhash_dedup), "
+        "in the listed order. Writes one JSONL per source, stats.json (removals by reason) and "
+        "removed_sample.jsonl; optionally tokenizes. See docs/data.md for the file format.",
+        formatter_class=fmt,
+    )
+    p.add_argument("pipeline", help="pipeline YAML file")
+    p.set_defaults(func=_cmd_data_process)
+
+    p = dsub.add_parser(
+        "tokenize",
+        help="JSONL documents -> .ds shards, one directory per source",
+        description="Tokenize a `data process` output directory (or JSONL files) into "
+        "OUT/<source>/ shards (.ds/.ds.index, datatrove layout; EOS after each document).",
+        formatter_class=fmt,
+    )
+    p.add_argument("inputs", nargs="+", help="a processed directory, or .jsonl files")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--shard-tokens", type=int, help="tokens per .ds file (default 64 Mi)")
+    p.add_argument("--text-field", default="text")
+    p.set_defaults(func=_cmd_data_tokenize)
+
+    p = dsub.add_parser(
+        "mixture",
+        help="token and epoch accounting of a multi-stage mixture plan",
+        description="Reads a YAML with `stages: [{name, tokens, weights: {source: w}}]` and "
+        "`available: {source: tokens}` (or `shards: DIR` with a sources.json) and prints, per "
+        "stage and source, drawn tokens, cumulative epochs and the largest share that stays "
+        "within --max-epochs.",
+        formatter_class=fmt,
+    )
+    p.add_argument("plan", help="mixture plan YAML")
+    p.add_argument("--max-epochs", type=float, default=4.0)
+    p.set_defaults(func=_cmd_data_mixture)

@@ -1,0 +1,112 @@
+"""Exact and MinHash near-duplicate removal, streaming: the first document of a group is kept.
+
+MinHash follows datatrove's defaults: word 5-gram shingles of a simplified text (lowercase,
+digits -> 0, punctuation -> space, accents removed, whitespace collapsed), 14 bands x 8 hashes
+(112 permutations ``(h * a + b) mod (2^61 - 1)``). Two documents are candidates when any band is
+identical, which happens with probability ``1 - (1 - s^8)^14`` at Jaccard similarity s: 0.924 at
+0.8, 0.565 at 0.7, 0.053 at 0.5. Unlike datatrove's four disk-based stages (signatures, buckets,
+union-find clusters, filter), this keeps the band index in memory and decides as documents
+arrive: the bands of removed documents stay indexed, so a chain A ~ B ~ C removes B and C, like
+datatrove's clusters. Memory is about 14 keys per document: fine for local corpora, not for
+web scale (use datatrove's stages there; the shards we write are the same format).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MERSENNE_61 = (1 << 61) - 1
+_PUNCT = re.compile(r"[^\w\s]|_")
+_DIGIT = re.compile(r"\d")
+_SPACE = re.compile(r"\s+")
+
+
+def simplify_text(text: str) -> str:
+    """Lowercase, digits to 0, punctuation to space, no accents, single spaces."""
+    text = unicodedata.normalize("NFD", text.lower())
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    text = _DIGIT.sub("0", _PUNCT.sub(" ", text))
+    return _SPACE.sub(" ", text).strip()
+
+
+def match_probability(similarity: float, bands: int = 14, rows: int = 8) -> float:
+    """Chance that two documents with this Jaccard similarity share at least one band."""
+    return 1.0 - (1.0 - similarity**rows) ** bands
+
+
+def shingles(text: str, n: int = 5) -> set[str]:
+    """Word n-grams of the simplified text (a shorter text is one shingle)."""
+    words = simplify_text(text).split()
+    if len(words) < n:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+@dataclass
+class ExactDedup:
+    """Drops a document whose text (optionally simplified first) was seen before."""
+
+    normalize: bool = False
+    name: str = "exact_dedup"
+    _seen: set[bytes] = field(default_factory=set, repr=False)
+
+    def is_duplicate(self, text: str) -> bool:
+        key = simplify_text(text) if self.normalize else text
+        digest = hashlib.sha256(key.encode()).digest()[:16]
+        if digest in self._seen:
+            return True
+        self._seen.add(digest)
+        return False
+
+
+@dataclass
+class MinHashDedup:
+    """Streaming MinHash LSH; `is_duplicate` also indexes the document."""
+
+    n_grams: int = 5
+    bands: int = 14
+    rows: int = 8
+    seed: int = 1
+    name: str = "minhash_dedup"
+
+    def __post_init__(self) -> None:
+        if min(self.n_grams, self.bands, self.rows) < 1:
+            raise ValueError("n_grams, bands and rows must be >= 1")
+        rng = np.random.Generator(np.random.PCG64(self.seed))
+        k = self.bands * self.rows
+        # 32-bit shingle hashes times 32-bit a, plus b, stays below 2^64: no uint64 overflow.
+        self._a = rng.integers(1, 1 << 32, k, dtype=np.uint64)
+        self._b = rng.integers(0, 1 << 32, k, dtype=np.uint64)
+        self._buckets: list[set[bytes]] = [set() for _ in range(self.bands)]
+
+    def signature(self, text: str) -> np.ndarray | None:
+        """uint64[bands * rows] minimum hashes, or None for a text without words."""
+        sh = shingles(text, self.n_grams)
+        if not sh:
+            return None
+        h = np.fromiter((zlib.crc32(s.encode()) for s in sh), dtype=np.uint64, count=len(sh))
+        sig = np.full(len(self._a), np.iinfo(np.uint64).max, dtype=np.uint64)
+        for i in range(0, len(h), 4096):  # bounded [block, permutations] temporaries
+            block = (h[i : i + 4096, None] * self._a + self._b) % np.uint64(MERSENNE_61)
+            np.minimum(sig, block.min(axis=0), out=sig)
+        return sig
+
+    def is_duplicate(self, text: str) -> bool:
+        sig = self.signature(text)
+        if sig is None:
+            return False
+        keys = [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
+        dup = any(key in bucket for key, bucket in zip(keys, self._buckets))
+        for key, bucket in zip(keys, self._buckets):
+            bucket.add(key)
+        return dup
