@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from crucible.config import ModelConfig
-from crucible.plan.params import count_params
+from crucible.plan.params import MoESpec, count_params
 
 
-def matmul_params(cfg: ModelConfig) -> int:
+def matmul_params(cfg: ModelConfig, moe: MoESpec | None = None) -> int:
     """Parameters that take part in a matmul per token: the body plus the output projection.
 
     The input embedding is a lookup (no FLOPs); the output projection always costs vocab x hidden
-    multiply-adds per token, tied or not.
+    multiply-adds per token, tied or not. MoE: only the experts a token is routed to count.
     """
-    p = count_params(cfg)
-    return p.attention + p.mlp + cfg.vocab_size * cfg.hidden_size
+    p = count_params(cfg, moe)
+    mlp = p.mlp if p.mlp_active is None else p.mlp_active
+    return p.attention + mlp + cfg.vocab_size * cfg.hidden_size
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
@@ -27,5 +28,5 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = Tru
     return fwd_bwd / 2 if causal else fwd_bwd
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    return 6 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len)
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, moe: MoESpec | None = None) -> float:
+    return 6 * matmul_params(cfg, moe) + attention_flops_per_token(cfg, seq_len)
