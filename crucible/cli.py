@@ -213,9 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Command groups of the other lifecycle steps live beside their code.
     from crucible.data.commands import register as register_data
+    from crucible.evaluate.commands import register as register_eval
     from crucible.plan.commands import register as register_plan
 
     register_data(sub)
+    register_eval(sub)
     register_plan(sub)
     return parser
 

@@ -151,6 +151,23 @@ class DistributedConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 
+class EvalConfig(_Strict):
+    """In-loop evaluation on a fixed subset of tasks (see docs/evaluation.md); off by default."""
+
+    every: int = Field(0, ge=0, description="Evaluate every N optimizer steps; 0 disables.")
+    every_tokens: int | None = Field(
+        None, ge=1, description="Or every N training tokens (rounded up to whole steps)."
+    )
+    tasks: list[str] = Field(
+        default_factory=lambda: ["early"], description="Task names or groups (early, builtin)."
+    )
+    subset: int | None = Field(64, ge=1, description="Documents per task; null: all of them.")
+    batch_size: int = Field(32, ge=1)
+    seed: int = Field(0, description="Seed of the task subsets and few-shot examples.")
+    data_dir: str | None = Field(None, description="Where benchmark files (<task>.jsonl) live.")
+    at_end: bool = Field(True, description="Also evaluate after the last step.")
+
+
 class RunConfig(_Strict):
     name: str = "run"
     out_dir: str = Field("runs", description="Parent directory of run directories.")
@@ -162,6 +179,7 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _check_run(self) -> RunConfig:

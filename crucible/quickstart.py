@@ -53,7 +53,9 @@ def check_hf_export(run_dir: Path, hf_dir: Path) -> float:
 
 def quickstart(overrides: list[str] | None = None, out_dir: str = "runs") -> Path:
     t0 = time.perf_counter()
-    cfg = load_config("tiny", ["name=quickstart", f"out_dir={out_dir}", *(overrides or [])])
+    # In-loop evaluation on the built-in early-signal tasks at each validation step.
+    base = ["name=quickstart", f"out_dir={out_dir}", "eval.every=100"]
+    cfg = load_config("tiny", [*base, *(overrides or [])])
     run_dir = cfg.run_dir
     if run_dir.exists():  # the quickstart run is a demo: start it afresh each time
         shutil.rmtree(run_dir)

@@ -46,6 +46,7 @@ def test_quickstart_outputs(quick_run: Path):
     assert summary["step"] == 12 and summary["val_bpb"] > 0
     report = (quick_run / "report.md").read_text()
     assert "bits-per-byte" in report and "## Samples" in report
+    assert "## In-loop evaluation" in report  # eval.at_end runs the early-signal tasks
     assert (quick_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -42,6 +42,17 @@ def write_run_report(
             for r in val
         ]
         lines.append("")
+    evals = read_metrics(run_dir, "eval")
+    if evals:
+        # One column per task: its length-normalised accuracy (or the task's first metric).
+        keys = sorted({k for r in evals for k in r if "/" in k and k.endswith("/acc_norm")})
+        keys = keys or sorted({k for r in evals for k in r if "/" in k})[:6]
+        lines += ["## In-loop evaluation", "", "| step | " + " | ".join(keys) + " |"]
+        lines.append("|---" * (len(keys) + 1) + "|")
+        for r in evals:
+            cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "" for k in keys]
+            lines.append(f"| {r['step']} | " + " | ".join(cells) + " |")
+        lines.append("")
     if samples:
         lines += ["## Samples", ""]
         for prompt, text in samples:

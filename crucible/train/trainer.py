@@ -228,6 +228,23 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
         say(f"  [cyan]val[/] step {step}: loss {val['val_loss']:.4f}  bpb {val['val_bpb']:.4f}")
         return val
 
+    evaluator = None
+    if cfg.eval.every or cfg.eval.every_tokens:  # imported only when enabled
+        from crucible.evaluate.inloop import InLoopEval
+
+        evaluator = InLoopEval(
+            cfg.eval, tokenizer, cfg.model, cfg.train.tokens_per_step, cfg.train.steps, device, amp
+        )
+        for name, err in evaluator.errors.items():
+            say(f"[yellow]eval task {name} skipped:[/] {err}")
+
+    def run_eval(step: int) -> None:
+        scores = evaluator(model)
+        if metrics:
+            metrics.log("eval", step, tokens=step * cfg.train.tokens_per_step, **scores)
+        shown = "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if k.endswith("/acc_norm"))
+        say(f"  [magenta]eval[/] step {step}: {shown} ({scores['eval_seconds']:.1f}s)")
+
     # ---- the loop
     model.train()
     val: dict[str, float] | None = None
@@ -289,6 +306,8 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
         pause = time.perf_counter()
         if cfg.train.val_every and done % cfg.train.val_every == 0 and done < cfg.train.steps:
             val = validate(done)
+        if evaluator is not None and evaluator.due(done):
+            run_eval(done)
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.train.steps:
             save(done)
             last_saved = done

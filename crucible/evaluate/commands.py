@@ -1,0 +1,169 @@
+"""`crucible eval ...`: evaluate checkpoints or HF models, compare results, audit tasks.
+
+crucible eval PATH [PATH...] --tasks early,hellaswag=data/hs.jsonl [--limit N] [--out F]
+crucible eval compare A.json B.json [...]     (or run directories: their latest results)
+crucible eval audit RUN [RUN...] [--plot audit.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+EVAL_HELP = (
+    "evaluate run directories, checkpoints or local Hugging Face models (`eval PATH --tasks`), "
+    "compare results (`eval compare`), or audit tasks across seeds (`eval audit RUNS`)"
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `eval` command to crucible's argument parser."""
+    p = subparsers.add_parser("eval", help=EVAL_HELP, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="models to evaluate, or `compare FILES...`, or `audit RUNS...`",
+    )
+    p.add_argument(
+        "--tasks",
+        default="early",
+        help="comma-separated task names, groups (early, builtin) or NAME=FILE",
+    )
+    p.add_argument("--checkpoint", default=None, help="a checkpoint of the run (default latest)")
+    p.add_argument(
+        "--all-checkpoints",
+        action="store_true",
+        help="evaluate every complete checkpoint of each run",
+    )
+    p.add_argument("--limit", type=int, default=None, help="documents per task (fixed subset)")
+    p.add_argument("--fewshot", type=int, default=None, help="override few-shot examples")
+    p.add_argument(
+        "--formulation",
+        choices=["cf", "mcf"],
+        default=None,
+        help="override CF/MCF for multiple-choice tasks",
+    )
+    p.add_argument("--pmi", action="store_true", help="also compute acc_pmi (2x the cost)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="generations per problem for pass@k / maj@k (sampled, temperature 0.8)",
+    )
+    p.add_argument("--data-dir", default=None, help="directory with <task>.jsonl benchmark files")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "transformers", "crucible"],
+        default="auto",
+        help="how to run a Hugging Face directory",
+    )
+    p.add_argument("--out", default=None, help="results JSON (default: beside the model)")
+    p.add_argument("--plot", default=None, help="audit: where to save the score-vs-tokens plot")
+    p.set_defaults(func=run_command)
+    return p
+
+
+def run_command(args: argparse.Namespace) -> int:
+    head, rest = args.paths[0], args.paths[1:]
+    if head == "compare":
+        return _compare(rest)
+    if head == "audit":
+        return _audit(rest, args.plot)
+    return _evaluate(args)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.fewshot is not None:
+        out["num_fewshot"] = args.fewshot
+    if args.formulation is not None:
+        out["formulation"] = args.formulation
+    if args.pmi:
+        out["pmi"] = True
+    if args.samples:
+        out.update(samples=args.samples, temperature=0.8)
+    return out
+
+
+def _targets(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(path, checkpoint) pairs to evaluate."""
+    from crucible.train.checkpoint import list_checkpoints
+
+    out: list[tuple[str, str | None]] = []
+    for path in args.paths:
+        ckpts = Path(path) / "checkpoints"
+        if args.all_checkpoints and ckpts.is_dir():
+            out.extend((path, str(p)) for _, p in list_checkpoints(ckpts))
+        else:
+            out.append((path, args.checkpoint))
+    return out
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from crucible.evaluate.load import load_eval_model
+    from crucible.evaluate.results import default_results_path, format_table, write_results
+    from crucible.evaluate.suite import evaluate_tasks
+
+    targets = _targets(args)
+    if args.out and len(targets) > 1:
+        raise ValueError("--out names one file; drop it to write one results file per checkpoint")
+    any_error = False
+    for path, ckpt in targets:
+        lm, info = load_eval_model(path, ckpt, args.device, args.backend)
+        tasks = evaluate_tasks(
+            lm, [args.tasks], limit=args.limit, seed=args.seed, data_dir=args.data_dir,
+            batch_size=args.batch_size, overrides=_overrides(args),
+        )  # fmt: skip
+        result = {
+            **info,
+            "config": {"tasks": args.tasks, "limit": args.limit, "seed": args.seed,
+                       "batch_size": args.batch_size, **_overrides(args)},
+            "tasks": tasks,
+        }  # fmt: skip
+        out = write_results(result, args.out or default_results_path(info))
+        print(f"{lm.name}: {out}")
+        print(format_table(result))
+        any_error |= any("error" in t for t in tasks.values())
+    return 1 if any_error else 0
+
+
+def _results_file(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        found = sorted((p / "eval").glob("*.json")) or sorted(p.glob("eval_results.json"))
+        if not found:
+            raise FileNotFoundError(f"{p}: no results (run `crucible eval {p}` first)")
+        return found[-1]
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such results file")
+    return p
+
+
+def _compare(paths: list[str]) -> int:
+    from crucible.evaluate.results import compare_table
+
+    if len(paths) < 2:
+        raise ValueError("eval compare needs two or more results files or run directories")
+    results = [json.loads(_results_file(p).read_text()) for p in paths]
+    print(compare_table(results))
+    return 0
+
+
+def _audit(runs: list[str], plot: str | None) -> int:
+    from crucible.evaluate.audit import audit, format_audit, plot_audit
+
+    if not runs:
+        raise ValueError("eval audit needs run directories")
+    dirs = [Path(r) for r in runs]
+    stats = audit(dirs)
+    print(format_audit(stats))
+    out = Path(plot) if plot else dirs[0].parent / "eval_audit.png"
+    print(f"plot: {plot_audit(dirs, out)}")
+    return 0

@@ -1,0 +1,133 @@
+"""End to end: in-loop eval in training, our checkpoint vs its HF export, the CLI, the audit."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from crucible.config import load_config
+from crucible.evaluate.audit import audit
+from crucible.evaluate.commands import register
+from crucible.evaluate.load import load_eval_model
+from crucible.evaluate.suite import evaluate_tasks
+from crucible.model import export_hf
+from crucible.runs import load_run_model
+from crucible.train.trainer import train
+
+FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+TASKS = ["arithmetic", "stdlib_next_line", "stdlib_bpb", "arithmetic_gen"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_base, tmp_path_factory) -> Path:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add contention
+    out = tmp_path_factory.mktemp("eval-runs")
+    cfg = load_config(
+        "tiny",
+        [*small_base, f"out_dir={out}", "name=evalrun", "train.steps=8", "train.val_every=0",
+         "checkpoint.every=4", "checkpoint.keep_last=3", "schedule.warmup_steps=2",
+         "eval.every=4", "eval.subset=8", "eval.tasks=[arithmetic,stdlib_next_line,bogus]"],
+    )  # fmt: skip
+    train(cfg, quiet=True)
+    yield cfg.run_dir
+    torch.set_num_threads(threads)
+
+
+def _cli(*args: str) -> int:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    ns = parser.parse_args(["eval", *args])
+    return ns.func(ns)
+
+
+def test_in_loop_eval_is_logged_with_training_metrics(run_dir):
+    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [4, 8]
+    assert evals[0]["tokens"] == 4 * 8 * 64
+    for e in evals:
+        assert 0 <= e["arithmetic/acc"] <= 1 and 0 <= e["stdlib_next_line/acc_norm"] <= 1
+    assert not any(k.startswith("bogus") for k in evals[0])  # a bad task did not stop training
+
+
+def test_checkpoint_and_hf_export_score_the_same(run_dir, tmp_path):
+    model, _, _ = load_run_model(run_dir)
+    hf_dir = export_hf(model, tmp_path / "hf", tokenizer_path=run_dir / "tokenizer.json")
+    ours, info = load_eval_model(run_dir)
+    theirs, hf_info = load_eval_model(hf_dir)  # transformers' own implementation
+    assert info["step"] == 8 and type(theirs).__name__ == "HFLM"
+    a = evaluate_tasks(ours, TASKS, limit=12)
+    b = evaluate_tasks(theirs, TASKS, limit=12)
+    for task in TASKS:
+        ma, mb = a[task]["metrics"], b[task]["metrics"]
+        assert ma.keys() == mb.keys() and a[task]["n"] == b[task]["n"] > 0
+        for k in ma:
+            assert ma[k] == pytest.approx(mb[k], abs=1e-5), (task, k)
+
+
+def test_cli_eval_compare_and_bad_input(run_dir, tmp_path, capsys):
+    out_a, out_b = tmp_path / "a.json", tmp_path / "b.json"
+    tasks = f"arithmetic,piqa={FIXTURES / 'piqa.jsonl'},hellaswag=/nonexistent.jsonl"
+    rc = _cli(str(run_dir), "--tasks", tasks, "--limit", "6", "--out", str(out_a))
+    assert rc == 1  # one task failed ...
+    res = json.loads(out_a.read_text())
+    assert res["step"] == 8 and res["checkpoint"] == "step_000008"
+    assert res["tasks"]["arithmetic"]["n"] == 6 and res["tasks"]["piqa"]["n"] == 2
+    assert "FileNotFoundError" in res["tasks"]["hellaswag"]["error"]  # ... the others survived
+    assert _cli(str(run_dir), "--checkpoint", "step_000004", "--tasks", "arithmetic",
+                "--limit", "6", "--out", str(out_b)) == 0  # fmt: skip
+    capsys.readouterr()
+    assert _cli("compare", str(out_b), str(out_a)) == 0
+    table = capsys.readouterr().out
+    assert "arithmetic" in table and "step_000004" in table and "delta" in table
+
+
+def _fake_run(root: Path, name: str, seed: int, curves: dict[str, list[float]]) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f"seed: {seed}\n")
+    lines = []
+    for i, tokens in enumerate((100, 200, 300)):
+        scores = {f"{t}/{m}": v[i] for t, (m, v) in curves.items()}
+        lines.append(json.dumps({"event": "eval", "step": i + 1, "tokens": tokens, **scores}))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_audit_statistics_hand_computed(tmp_path, capsys):
+    a = _fake_run(
+        tmp_path,
+        "s0",
+        0,
+        {
+            "arithmetic": ("acc", [0.30, 0.40, 0.50]),
+            "stdlib_next_line": ("acc_norm", [0.25, 0.20, 0.30]),
+        },
+    )
+    b = _fake_run(
+        tmp_path,
+        "s1",
+        1,
+        {
+            "arithmetic": ("acc", [0.32, 0.38, 0.56]),
+            "stdlib_next_line": ("acc_norm", [0.30, 0.30, 0.20]),
+        },
+    )
+    stats = audit([a, b])  # fmt: skip
+    ar = stats["arithmetic"]
+    noise = (0.02 + 0.02 + 0.06) / 3 / 2**0.5  # std of two values = |a - b| / sqrt(2)
+    assert ar["monotonicity"] == pytest.approx(1.0)
+    assert ar["seed_noise"] == pytest.approx(noise)
+    assert ar["snr"] == pytest.approx((0.53 - 0.31) / noise)
+    assert ar["above_random"] == pytest.approx(0.53 - 0.25)
+    assert ar["consistency"] == pytest.approx(1.0) and ar["keep"]
+    nl = stats["stdlib_next_line"]
+    # seed pairs of checkpoints: 2 discordant, 1 tied in seed 1 -> tau-b = -2 / sqrt(2 * 3)
+    assert nl["consistency"] == pytest.approx(-2 / 6**0.5)
+    assert not nl["keep"]
+    assert _cli("audit", str(a), str(b), "--plot", str(tmp_path / "audit.png")) == 0
+    assert (tmp_path / "audit.png").stat().st_size > 0
+    assert "arithmetic" in capsys.readouterr().out
