@@ -214,11 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Command groups of the other lifecycle steps live beside their code.
     from crucible.data.commands import register as register_data
     from crucible.evaluate.commands import register as register_eval
+    from crucible.infra.commands import register as register_infra
     from crucible.plan.commands import register as register_plan
 
     register_data(sub)
     register_eval(sub)
     register_plan(sub)
+    register_infra(sub)
     return parser
 
 

@@ -83,6 +83,14 @@ class ModelConfig(_Strict):
         return not (self.nope_interval and (layer + 1) % self.nope_interval == 0)
 
 
+class MixtureStage(_Strict):
+    """One stage of a data curriculum: source weights for a number of optimizer steps."""
+
+    name: str
+    weights: dict[str, float] = Field(description="Source name -> weight (normalised).")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps; null: until the end.")
+
+
 class DataConfig(_Strict):
     """Where training text comes from. The trainer only sees shards and a tokenizer."""
 
@@ -97,6 +105,26 @@ class DataConfig(_Strict):
     max_corpus_mb: float = Field(
         12.0, gt=0, description="Cap on embedded-corpus text used to build shards."
     )
+    sources: dict[str, str] = Field(
+        default_factory=dict,
+        description="A mixture: source name -> shard directory or glob (instead of train_shards).",
+    )
+    stages: list[MixtureStage] = Field(
+        default_factory=list, description="Mixture stages in order; only the last may omit steps."
+    )
+
+    @model_validator(mode="after")
+    def _check_mixture(self) -> DataConfig:
+        if bool(self.sources) != bool(self.stages):
+            raise ValueError("a mixture needs both data.sources and data.stages")
+        if self.sources and self.train_shards is not None:
+            raise ValueError("set either data.train_shards or data.sources (a mixture), not both")
+        unknown = {n for st in self.stages for n in st.weights} - set(self.sources)
+        if unknown:
+            raise ValueError(f"data.stages weight unknown sources {sorted(unknown)}")
+        if any(st.steps is None for st in self.stages[:-1]):
+            raise ValueError("only the last of data.stages may leave steps unset")
+        return self
 
 
 class OptimConfig(_Strict):

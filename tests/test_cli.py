@@ -5,7 +5,9 @@ import pytest
 from crucible.cli import build_parser, main
 
 COMMANDS = [
-    "train", "quickstart", "generate", "export", "report", "count-params", "config", "presets"
+    "train", "quickstart", "generate", "export", "report", "count-params", "config", "presets",
+    "tokenizer", "data", "eval", "plan", "hardware", "roofline", "compass", "scaling", "bench",
+    "doctor",
 ]  # fmt: skip
 
 

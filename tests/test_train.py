@@ -117,3 +117,30 @@ def test_existing_run_needs_resume(small_overrides):
     train(cfg, quiet=True)
     with pytest.raises(ConfigError, match="--resume"):
         train(cfg, quiet=True)
+
+
+def test_mixture_with_stages_trains_and_accounts(small_overrides, data_cache):
+    given = next(data_cache.glob("stdlib-*"))
+    mixture = [
+        f"data.tokenizer={given / 'tokenizer.json'}",
+        f"data.val_shards={given / 'val'}",
+        f"data.sources={{web: '{given / 'train'}', code: '{given / 'val'}'}}",
+        "data.stages=[{name: stable, steps: 4, weights: {web: 3, code: 1}},"
+        " {name: decay, weights: {web: 1, code: 1}}]",
+    ]
+    cfg = load_config("tiny", [*small_overrides, *mixture, "name=mix", "train.steps=6"])
+    train(cfg, quiet=True)
+    plan = json.loads((cfg.run_dir / "mixture.json").read_text())
+    share = {(r["stage"], r["source"]): r["share"] for r in plan}
+    assert share[("stable", "web")] == pytest.approx(0.75)
+    assert share[("decay", "code")] == pytest.approx(0.5)
+    events = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    stages = [(e["step"], e["stage"]) for e in events if e["event"] == "stage"]
+    assert stages == [(0, "stable"), (4, "decay")]
+
+
+def test_mixture_config_errors():
+    with pytest.raises(ConfigError, match="unknown sources"):
+        load_config("tiny", ["data.sources={a: x}", "data.stages=[{name: s, weights: {b: 1}}]"])
+    with pytest.raises(ConfigError, match="both data.sources and data.stages"):
+        load_config("tiny", ["data.sources={a: x}"])

@@ -173,6 +173,10 @@ class MixtureLoader:
             self._perms[key] = _keyed_perm(int(self.n_chunks[s]), self.seed, 2, name_key, epoch)
         return self._perms[key]
 
+    def stage_at_step(self, step: int) -> str:
+        """Name of the stage that optimizer step `step` (0-based) draws from."""
+        return self.stages[self._stage_of(step * self.global_batch_size)].name
+
     def locate(self, g: int) -> tuple[int, int]:
         """(source index, chunk index) of global sequence g."""
         k = self._stage_of(g)
@@ -251,7 +255,7 @@ class MixtureLoader:
                         "tokens": int(during[s]) * self.seq_len,
                         "share": float(during[s] / max(1, end - start)),
                         "epochs_cumulative": float(epochs),
-                        "warning": epochs > EPOCH_WARNING,
+                        "warning": bool(epochs > EPOCH_WARNING),
                     }
                 )
         return rows

@@ -41,8 +41,9 @@ MIN_VAL_BYTES = 100_000
 @dataclass(frozen=True)
 class PreparedData:
     tokenizer_path: Path
-    train_dir: Path  # a directory or glob of .ds shards; open with ShardSet(str(train_dir))
+    train_dir: Path | None  # a directory or glob of .ds shards; None for a mixture
     val_dir: Path
+    sources: dict[str, Path] | None = None  # a mixture: source name -> shards
 
 
 def check_tokenizer_vocab(tokenizer_path: str | os.PathLike[str], vocab_size: int) -> int:
@@ -69,17 +70,26 @@ def _check_shards(shards: ShardSet, spec: str, what: str, seq_len: int, vocab: i
 
 
 def _given_data(cfg: DataConfig, vocab_size: int, seq_len: int) -> PreparedData:
-    assert cfg.train_shards is not None
+    what = "data.sources" if cfg.sources else "data.train_shards"
     if cfg.val_shards is None:
-        raise ValueError("data.val_shards must be set when data.train_shards is set")
+        raise ValueError(f"data.val_shards must be set when {what} is set")
     if cfg.tokenizer is None:
-        raise ValueError("data.tokenizer must be set when data.train_shards is set")
+        raise ValueError(f"data.tokenizer must be set when {what} is set")
     # Opening checks existence first: FileNotFoundError naming the path when absent or empty.
-    train, val = ShardSet(cfg.train_shards), ShardSet(cfg.val_shards)
+    train_specs = (
+        {f"data.sources.{k}": v for k, v in cfg.sources.items()}
+        if cfg.sources
+        else {"data.train_shards": cfg.train_shards}
+    )
+    opened = {field: ShardSet(spec) for field, spec in train_specs.items()}
+    val = ShardSet(cfg.val_shards)
     n = check_tokenizer_vocab(cfg.tokenizer, vocab_size)
-    _check_shards(train, cfg.train_shards, "data.train_shards", seq_len, n)
+    for field, shards in opened.items():
+        _check_shards(shards, train_specs[field], field, seq_len, n)
     _check_shards(val, cfg.val_shards, "data.val_shards", seq_len, n)
-    return PreparedData(Path(cfg.tokenizer), Path(cfg.train_shards), Path(cfg.val_shards))
+    sources = {k: Path(v) for k, v in cfg.sources.items()} or None
+    train = Path(cfg.train_shards) if cfg.train_shards else None
+    return PreparedData(Path(cfg.tokenizer), train, Path(cfg.val_shards), sources)
 
 
 def cache_key(cfg: DataConfig, vocab_size: int) -> str:
@@ -162,7 +172,7 @@ def prepare_data(
     data_cfg: DataConfig, vocab_size: int, seq_len: int, quiet: bool = False
 ) -> PreparedData:
     """Tokenizer and train/val shard locations for `data_cfg`, building the corpus if needed."""
-    if data_cfg.train_shards is not None:
+    if data_cfg.train_shards is not None or data_cfg.sources:
         return _given_data(data_cfg, vocab_size, seq_len)
     if data_cfg.corpus != "stdlib":
         raise ValueError(f"data.corpus {data_cfg.corpus!r}: set data.train_shards or corpus=stdlib")

@@ -22,7 +22,8 @@ import torch
 
 from crucible.config import ConfigError, RunConfig, dump_config
 from crucible.data.loader import PretrainLoader, eval_batches
-from crucible.data.prepare import prepare_data
+from crucible.data.mixture import MixtureLoader, Stage
+from crucible.data.prepare import PreparedData, prepare_data
 from crucible.data.shards import ShardSet
 from crucible.model import Transformer
 from crucible.plan.flops import train_flops_per_token
@@ -70,6 +71,26 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cpu":
         return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
     return None
+
+
+def make_loader(
+    cfg: RunConfig, data: PreparedData, rank: int, world: int, eos: int | None
+) -> PretrainLoader | MixtureLoader:
+    """One shard set, or a staged mixture of named sources (data.sources + data.stages)."""
+    common = dict(
+        seq_len=cfg.train.seq_len,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        rank=rank,
+        world_size=world,
+        seed=cfg.seed,
+        eos_id=eos,
+    )
+    if data.sources:
+        stages = [Stage(s.name, s.weights, s.steps) for s in cfg.data.stages]
+        sources = {name: ShardSet(path) for name, path in data.sources.items()}
+        return MixtureLoader(sources, stages, **common)
+    return PretrainLoader(ShardSet(data.train_dir), **common)
 
 
 def compile_model(model: torch.nn.Module, per_block: bool = False) -> None:
@@ -125,14 +146,8 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
     barrier()
     if not info.is_main:
         data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len)
-    train_shards, val_shards = ShardSet(data.train_dir), ShardSet(data.val_dir)
-    for name, shards in (("train", train_shards), ("val", val_shards)):
-        if shards.vocab_size is not None and shards.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(
-                f"{name} shards {data.train_dir if name == 'train' else data.val_dir} use a "
-                f"vocabulary of {shards.vocab_size} tokens but model.vocab_size is "
-                f"{cfg.model.vocab_size}"
-            )
+    # prepare_data has checked the shards against the tokenizer and the tokenizer against the model
+    val_shards = ShardSet(data.val_dir)
     tokenizer = load_tokenizer(data.tokenizer_path)
     token_bytes = torch.from_numpy(token_byte_lengths(tokenizer)).long()
     if token_bytes.numel() < cfg.model.vocab_size:  # pad rows the tokenizer never produces
@@ -159,16 +174,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
         compile_model(model, per_block=info.enabled and cfg.distributed.strategy == "fsdp")
     model = wrap_model(model, info, cfg.distributed, device)
     optimizer = build_optimizer(model, cfg.optim, device)
-    loader = PretrainLoader(
-        train_shards,
-        seq_len=cfg.train.seq_len,
-        global_batch_size=cfg.train.global_batch_size,
-        micro_batch_size=micro,
-        rank=info.rank,
-        world_size=world,
-        seed=cfg.seed,
-        eos_id=eos,
-    )
+    loader = make_loader(cfg, data, info.rank, world, eos)
     val_batches = eval_batches(
         val_shards, cfg.train.seq_len, micro, cfg.train.val_batches, info.rank, world, eos_id=eos
     )
@@ -194,6 +200,15 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
         say(f"[bold]resumed[/] from {latest} at step {start_step}")
     elif resume:
         say(f"no complete checkpoint in {checkpoints}; starting from step 0")
+
+    if isinstance(loader, MixtureLoader) and info.is_main:
+        plan = loader.accounting(cfg.train.steps)
+        (run_dir / "mixture.json").write_text(json.dumps(plan, indent=1))
+        for row in plan:
+            say(
+                f"  mixture stage {row['stage']}: {row['source']} {row['share']:.1%} "
+                f"({row['tokens']:,} tokens, {row['epochs_cumulative']:.2f} epochs by stage end)"
+            )
 
     n_params = count_params(cfg.model).total
     flops_per_token = train_flops_per_token(cfg.model, cfg.train.seq_len)
@@ -251,10 +266,18 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
     loss_acc = torch.zeros((), device=device)
     t_last, steps_since, step_time = time.perf_counter(), 0, None
     last_saved = start_step if latest is not None else None
+    stage_name: str | None = None
     for step in range(start_step, cfg.train.steps):
         lr = lr_at(step, cfg.train.steps, cfg.optim.lr, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if isinstance(loader, MixtureLoader):
+            name = loader.stage_at_step(step)
+            if name != stage_name:
+                stage_name = name
+                if metrics:
+                    metrics.log("stage", step, stage=name)
+                say(f"  [bold]stage[/] {name} from step {step}")
         batches = loader.next_step()
         for i, batch in enumerate(batches):
             batch = batch.to(device)
