@@ -107,7 +107,24 @@ def _read_chunks(shards: ShardSet, chunk_ids: np.ndarray, seq_len: int) -> np.nd
     return out
 
 
-class PretrainLoader:
+class StepIterator:
+    """Iteration for loaders whose batches are a pure function of the step (`step_batches`)."""
+
+    step: int
+
+    def next_step(self) -> list[Batch]:
+        batches = self.step_batches(self.step)  # type: ignore[attr-defined]
+        self.step += 1
+        return batches
+
+    def __iter__(self) -> StepIterator:
+        return self
+
+    def __next__(self) -> list[Batch]:
+        return self.next_step()
+
+
+class PretrainLoader(StepIterator):
     """Yields, per optimizer step, this rank's micro-batches of the global batch."""
 
     def __init__(
@@ -187,17 +204,6 @@ class PretrainLoader:
             rows = _read_chunks(self.shards, self.chunk_ids(g), self.seq_len)
             batches.append(make_batch(rows, self.eos_id))
         return batches
-
-    def next_step(self) -> list[Batch]:
-        batches = self.step_batches(self.step)
-        self.step += 1
-        return batches
-
-    def __iter__(self) -> PretrainLoader:
-        return self
-
-    def __next__(self) -> list[Batch]:
-        return self.next_step()
 
     # -- checkpointing
 

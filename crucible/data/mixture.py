@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from crucible.data.loader import Batch, _num_chunks, _read_chunks, _resolve_eos, make_batch
+from crucible.data.loader import (
+    Batch,
+    StepIterator,
+    _num_chunks,
+    _read_chunks,
+    _resolve_eos,
+    make_batch,
+)
 from crucible.data.shards import ShardSet
 
 MIXTURE_STATE_VERSION = 1
@@ -80,7 +87,7 @@ class _Block:
 
 
 @dataclass
-class MixtureLoader:
+class MixtureLoader(StepIterator):
     """Like `PretrainLoader`, over several sources; batches carry `source_ids`."""
 
     sources: Mapping[str, ShardSet]
@@ -203,17 +210,6 @@ class MixtureLoader:
             batch.source_ids = torch.tensor([s for s, _ in located], dtype=torch.int64)
             batches.append(batch)
         return batches
-
-    def next_step(self) -> list[Batch]:
-        batches = self.step_batches(self.step)
-        self.step += 1
-        return batches
-
-    def __iter__(self) -> MixtureLoader:
-        return self
-
-    def __next__(self) -> list[Batch]:
-        return self.next_step()
 
     @property
     def tokens_seen(self) -> int:
