@@ -1,8 +1,8 @@
 """Document sources: text globs, JSONL, optional Parquet, the embedded corpus."""
 
 import gzip
-import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -42,8 +42,10 @@ def test_jsonl(tmp_path):
         list(iter_source(SourceConfig(name="w", kind="jsonl", paths=[str(path)])))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is not None, reason="pyarrow installed")
-def test_parquet_needs_pyarrow(tmp_path):
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
+    # Simulate an environment without pyarrow (the pinned one has it).
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     (tmp_path / "x.parquet").write_bytes(b"PAR1")
     with pytest.raises(ValueError, match="pyarrow"):
         list(iter_source(SourceConfig(name="p", kind="parquet", paths=[str(tmp_path)])))

@@ -36,7 +36,9 @@ class SourceConfig(BaseModel):
     )
     text_field: str = Field("text", description="JSONL / Parquet / HF: the text column.")
     id_field: str | None = Field(None, description="Column with a document id, else file:row.")
-    dataset: str | None = Field(None, description="hf: dataset name or local path.")
+    dataset: str | None = Field(
+        None, description="hf: dataset name, local directory, or builder (json, parquet) + paths."
+    )
     subset: str | None = Field(None, description="hf: config name; stdlib: one of its sources.")
     split: str = Field("train", description="hf and stdlib split.")
     max_docs: int | None = Field(None, ge=1, description="Stop after this many documents.")
@@ -129,8 +131,13 @@ def _iter_hf(cfg: SourceConfig) -> Iterator[Document]:
         raise ValueError(f"source {cfg.name!r}: kind hf needs `pip install datasets`") from None
     if not cfg.dataset:
         raise ValueError(f"source {cfg.name!r}: kind hf needs `dataset`")
-    # Streaming: nothing is downloaded up front; offline (HF_DATASETS_OFFLINE=1) fails here.
-    ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split, streaming=True)
+    # `paths` become data_files, for a builder such as dataset: json / parquet on local files.
+    data_files = [str(p) for p in expand_paths(cfg.paths)] if cfg.paths else None
+    # Streaming: nothing is downloaded up front; a Hub dataset fails here when offline
+    # (HF_DATASETS_OFFLINE=1), local files and directories do not.
+    ds = datasets.load_dataset(
+        cfg.dataset, cfg.subset, data_files=data_files, split=cfg.split, streaming=True
+    )
     for i, record in enumerate(ds):
         doc = _record_doc(cfg, record, f"{cfg.dataset}:{i}")
         if doc is not None:

