@@ -4,19 +4,26 @@ The back-end is `langid` (langid.py, BSD; ``pip install langid``): its model is 
 package, so nothing is downloaded at run time, unlike datatrove's fastText ``lid.176.bin``. A
 document is kept when its top language is in `languages` with probability >= `min_score`
 (0.65, datatrove's default), computed on the text with newlines replaced by spaces.
+
+Probabilities are normalised over langid's 97 languages (``norm_probs=True``); without it langid
+returns an unnormalised log-probability, which no `min_score` in [0, 1] could be compared with.
+The model takes about 2 s to load, so it is loaded once per process and shared.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 
 from crucible.data.filters import FilterResult
 
 Classifier = Callable[[str], tuple[str, float]]  # text -> (ISO 639-1 code, probability)
 
 
+@cache
 def langid_classifier() -> Classifier:
+    """langid.py's embedded model with normalised probabilities, loaded once per process."""
     try:
         from langid.langid import LanguageIdentifier, model
     except ImportError:
@@ -24,7 +31,12 @@ def langid_classifier() -> Classifier:
             "the language step needs the optional `langid` package (pip install langid)"
         ) from None
     ident = LanguageIdentifier.from_modelstring(model, norm_probs=True)
-    return lambda text: tuple(ident.classify(text))  # type: ignore[return-value]
+
+    def classify(text: str) -> tuple[str, float]:
+        lang, prob = ident.classify(text)
+        return str(lang), float(prob)  # plain types: the results may go to JSON
+
+    return classify
 
 
 @dataclass
@@ -35,6 +47,8 @@ class LanguageFilter:
     classify: Classifier | None = field(default=None, repr=False)  # injectable for tests
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError(f"language: min_score must be in [0, 1], got {self.min_score}")
         if self.classify is None:
             self.classify = langid_classifier()
 
