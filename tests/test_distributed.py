@@ -16,6 +16,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 COMMON = ["train.steps=5", "train.log_every=1", "train.val_every=0", "train.dtype=fp32",
           "checkpoint.every=0", "schedule.warmup_steps=2", "train.threads=1"]  # fmt: skip
+# In-loop evaluation at steps 2, 4 and 5 (at_end): multiple choice, generation (KV cache, a
+# different number of tokens per document) and bits-per-byte (a continuous score).
+EVAL = ["eval.every=2", "eval.subset=8", "eval.tasks=[arithmetic,arithmetic_gen,stdlib_bpb]"]
 
 
 def _run(args: list[str], nproc: int) -> subprocess.CompletedProcess:
@@ -29,27 +32,44 @@ def _run(args: list[str], nproc: int) -> subprocess.CompletedProcess:
     return out
 
 
-def _losses(run_dir: Path) -> list[float]:
+def _events(run_dir: Path, kind: str) -> list[dict]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["event"] == "train"]
+    return [r for r in rows if r["event"] == kind]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in _events(run_dir, "train")]
+
+
+def _eval_scores(run_dir: Path) -> list[dict]:
+    drop = ("event", "time", "eval_seconds")
+    return [{k: v for k, v in e.items() if k not in drop} for e in _events(run_dir, "eval")]
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, small_base):
     runs = tmp_path_factory.mktemp("dist-runs")
     base = [*small_base, f"out_dir={runs}", *COMMON]
-    _run(["tiny", *base, "name=single"], 1)
+    _run(["tiny", *base, *EVAL, "name=single"], 1)
     return runs, base
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_match_single_process(single, strategy):
+    """Same losses, and the same in-loop evaluation scores, as one process."""
     runs, base = single
-    _run(["tiny", *base, f"name={strategy}", f"distributed.strategy={strategy}"], 2)
+    _run(["tiny", *base, *EVAL, f"name={strategy}", f"distributed.strategy={strategy}"], 2)
     ref, got = _losses(runs / "single"), _losses(runs / strategy)
     assert len(ref) == len(got) == 5
     for a, b in zip(ref, got):
         assert abs(a - b) / abs(a) < 1e-5, (ref, got)
+    ref_eval, got_eval = _eval_scores(runs / "single"), _eval_scores(runs / strategy)
+    assert [e["step"] for e in got_eval] == [e["step"] for e in ref_eval] == [2, 4, 5]
+    for a, b in zip(ref_eval, got_eval):
+        assert a.keys() == b.keys() and "stdlib_bpb/bpb" in a and "arithmetic_gen/exact_match" in a
+        for k in a:  # accuracies identical; bits-per-byte and loss within float noise
+            continuous = k.endswith(("/bpb", "/token_loss"))
+            assert a[k] == (pytest.approx(b[k], rel=1e-5) if continuous else b[k]), k
 
 
 def test_two_rank_checkpoint_resumes(single):

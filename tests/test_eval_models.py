@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import math
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,73 @@ def test_audit_statistics_hand_computed(tmp_path, capsys):
     assert _cli("audit", str(a), str(b), "--plot", str(tmp_path / "audit.png")) == 0
     assert (tmp_path / "audit.png").stat().st_size > 0
     assert "arithmetic" in capsys.readouterr().out
+
+
+def _cli_main(*args: str) -> int:
+    """`crucible eval ...` through the real entry point (which exits)."""
+    from crucible.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", *args])
+    return exit_.value.code
+
+
+def _hand_pass_at_k(n: int, c: int, k: int) -> float:
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _hand_majority(answers: list[str | None]) -> Decimal | None:
+    """The most frequent answer by value, ties to the first seen."""
+    values = [Decimal(a) for a in answers if a is not None]
+    return max(values, key=lambda a: (values.count(a), -values.index(a)), default=None)
+
+
+def test_sampled_generative_run_end_to_end(run_dir, tmp_path):
+    k = 6
+    records = [json.loads(x) for x in (FIXTURES / "gsm8k.jsonl").read_text().splitlines()]
+
+    def run(records: list[dict], out: Path) -> dict:
+        data = tmp_path / f"{out.stem}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        rc = _cli_main(str(run_dir), "--tasks", f"gsm8k={data}", "--samples", str(k),
+                       "--fewshot", "0", "--seed", "3", "--out", str(out))  # fmt: skip
+        assert rc == 0
+        res = json.loads(out.read_text())
+        assert res["config"]["samples"] == k
+        return res["tasks"]["gsm8k"]
+
+    first = run(records, tmp_path / "first.json")
+    # The random-ish model rarely writes the gold number. Relabel each problem with an answer it
+    # did sample (the zero-shot prompt does not contain the answer, so the generations stay the
+    # same), so that some samples are right and some wrong.
+    for rec, doc in zip(records, first["samples"], strict=True):
+        sampled = [s["answer"] for s in doc["samples"] if s["answer"] is not None]
+        assert sampled, doc
+        rec["answer"] = rec["answer"].rpartition("####")[0] + f"#### {sampled[-1]}"
+    res = run(records, tmp_path / "second.json")
+    again = run(records, tmp_path / "third.json")
+    del res["seconds"], again["seconds"]
+    assert res == again  # seeded sampling: identical results, samples included
+    texts = [[s["text"] for s in d["samples"]] for d in res["samples"]]
+    assert texts == [[s["text"] for s in d["samples"]] for d in first["samples"]]
+
+    assert res["n"] == len(res["samples"]) == 2 and res["failures"] == 0
+    assert len(set(texts[0] + texts[1])) > 1  # sampled, not greedy
+    correct = [[s["correct"] for s in d["samples"]] for d in res["samples"]]
+    assert all(len(c) == k for c in correct) and 0 < sum(map(sum, correct)) < 2 * k
+    assert res["unstopped"] == sum(not s["stopped"] for d in res["samples"] for s in d["samples"])
+    m = res["metrics"]
+    assert set(m) == {"exact_match", "pass@1", f"pass@{k}", f"maj@{k}"}
+    assert m["exact_match"] == sum(c[0] for c in correct) / 2
+    assert m["pass@1"] == pytest.approx(sum(sum(c) / k for c in correct) / 2)
+    assert m[f"pass@{k}"] == pytest.approx(sum(_hand_pass_at_k(k, sum(c), k) for c in correct) / 2)
+    maj = [
+        _hand_majority([s["answer"] for s in d["samples"]]) == Decimal(d["gold"])
+        for d in res["samples"]
+    ]
+    assert m[f"maj@{k}"] == sum(maj) / 2
+    for d in res["samples"]:  # each recorded verdict is the extracted answer against the gold
+        for s in d["samples"]:
+            assert s["correct"] == (
+                s["answer"] is not None and Decimal(s["answer"]) == Decimal(d["gold"])
+            )

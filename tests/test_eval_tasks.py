@@ -5,11 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from crucible.evaluate.benchmarks import BENCHMARKS, build_benchmark, read_records
 from crucible.evaluate.builtin import BUILTIN, build_builtin
+from crucible.evaluate.lm import EvalLM, TextTokenizer
 from crucible.evaluate.sandbox import humaneval_check, run_python
-from crucible.evaluate.task import mc_requests
+from crucible.evaluate.task import GenDoc, Task, mc_requests, run_task
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
@@ -123,3 +125,51 @@ def test_builtin_tasks_are_deterministic_and_valid():
     nl = build_builtin("stdlib_next_line", 30)
     for doc in nl.docs:
         assert len(set(doc.choices)) == 4 and doc.delimiter == ""
+
+
+class _ScriptedLM(EvalLM):
+    """Characters as tokens; answers a prompt with its script, repeated for as long as asked."""
+
+    def __init__(self, scripts: dict[str, str]) -> None:
+        tok = TextTokenizer(
+            encode=lambda s: [ord(c) for c in s],
+            decode=lambda ids: "".join(map(chr, ids)),
+            vocab_size=128,
+            eos_id=0,
+        )
+        super().__init__(tok, max_len=1024, vocab_size=128, device="cpu")
+        self.scripts = scripts
+
+    def _next(self, state: dict) -> torch.Tensor:
+        script = next(v for k, v in self.scripts.items() if k in state["prompt"])
+        logits = torch.zeros(1, 128)
+        logits[0, ord(script[state["n"] % len(script)])] = 1.0
+        state["n"] += 1
+        return logits
+
+    def logits(self, ids):
+        raise AssertionError("generation only: scoring never asks for full logits")
+
+    def begin(self, ids, max_len):
+        state = {"prompt": self.tokenizer.decode(ids[0].tolist()), "n": 0}
+        return state, self._next(state)
+
+    def extend(self, state, ids):
+        return state, self._next(state)[:, None]
+
+
+def test_a_generation_that_never_stops_is_cut_counted_and_scored():
+    docs = [
+        GenDoc("Question: 2 + 3?\nAnswer:", "5"),
+        GenDoc("Question: loop forever\nAnswer:", "7"),  # " 6 6 6 6 ..." never stops
+        GenDoc("Question: 4 + 4?\nAnswer:", "8"),
+    ]
+    scripts = {"2 + 3": " 5\n\n", "loop": " 6", "4 + 4": " 8\x00"}  # stop string / end of text
+    task = Task("toy_gen", "gen", docs, 0.0, main_metric="exact_match", max_new_tokens=40)
+    res = run_task(task, _ScriptedLM(scripts))
+    assert res["n"] == 3 and res["failures"] == 0 and res["unstopped"] == 1
+    assert res["metrics"]["exact_match"] == pytest.approx(2 / 3)  # the others still count
+    runaway = res["samples"][1]["samples"][0]
+    assert not runaway["stopped"] and not runaway["correct"]
+    assert runaway["text"] == " 6" * 20 and runaway["answer"] == "6"  # cut at the 40-token budget
+    assert [d["samples"][0]["text"] for d in (res["samples"][0], res["samples"][2])] == [" 5", " 8"]

@@ -10,6 +10,7 @@ the pads that follow it.
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ class TextTokenizer:
         )
 
 
-class EvalLM:
+class EvalLM(ABC):
     """Base class: a tokenizer, a context length, and batched / incremental logits."""
 
     name: str = "model"
@@ -84,19 +85,21 @@ class EvalLM:
         """The token that stands for 'start of text' when a context is empty."""
         return self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0
 
+    @abstractmethod
     def logits(self, ids: Tensor) -> Tensor:  # [B, T] -> fp32 [B, T, V]
-        raise NotImplementedError
+        """Logits of every position."""
 
+    @abstractmethod
     def begin(self, ids: Tensor, max_len: int) -> tuple[Any, Tensor]:
         """Prefill ids [B, T]; return (state, fp32 logits of the last position [B, V])."""
-        raise NotImplementedError
 
+    @abstractmethod
     def extend(self, state: Any, ids: Tensor) -> tuple[Any, Tensor]:
         """Continue the cached sequence with ids [B, t]; return (state, fp32 logits [B, t, V])."""
-        raise NotImplementedError
 
     def fork(self, state: Any, n: int) -> Any:
-        raise NotImplementedError
+        """Copy a prefilled context to n continuations; only where `can_fork`."""
+        raise TypeError(f"{type(self).__name__} cannot fork a cached context (can_fork is False)")
 
     def eval_mode(self):
         return nullcontext()
@@ -117,6 +120,11 @@ class CrucibleLM(EvalLM):
         name: str = "crucible",
     ) -> None:
         super().__init__(tokenizer, cfg.max_seq_len, cfg.vocab_size, device)
+        # DDP's forward broadcasts buffers to the other ranks on every call; each rank holds the
+        # whole model, so evaluation runs the replica inside and needs no collectives. (FSDP2
+        # gathers parameters in each forward: every rank must run the same forwards.)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
         self.model, self.cfg, self.autocast, self.name = model, cfg, autocast, name
 
     def _ctx(self):

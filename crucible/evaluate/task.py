@@ -191,9 +191,10 @@ def _run_gen(task: Task, lm: EvalLM, docs: list, seed: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     k = task.samples
     correct_counts, maj, first, unstopped, failures, examples = [], [], [], 0, 0, []
+    records: list[dict[str, Any]] = []  # every sample's outcome, for auditing the metrics
     for i, doc in enumerate(docs):
         prompt = fewshot_prefix(pool, task.num_fewshot, seed, f"{task.name}:{i}", doc) + doc.prompt
-        answers, oks = [], []
+        answers, oks, outcomes = [], [], []
         for _ in range(k):
             try:
                 g = generate_until(lm, prompt, task.stop, task.max_new_tokens,
@@ -210,8 +211,11 @@ def _run_gen(task: Task, lm: EvalLM, docs: list, seed: int) -> dict[str, Any]:
                 ok = answers_match(ans, doc.answer)
             answers.append(ans)
             oks.append(ok)
+            outcomes.append({"text": g.text, "answer": ans if task.check is None else None,
+                             "correct": bool(ok), "stopped": g.stopped})  # fmt: skip
         if len(oks) < k:
             continue
+        records.append({"doc": i, "prompt": doc.prompt, "gold": doc.answer, "samples": outcomes})
         correct_counts.append(sum(oks))
         first.append(float(oks[0]))
         maj.append(maj_at_k(answers, doc.answer, k) if task.check is None else float(oks[0]))
@@ -223,4 +227,4 @@ def _run_gen(task: Task, lm: EvalLM, docs: list, seed: int) -> dict[str, Any]:
         if task.check is None:
             metrics[f"maj@{k}"] = fmean(maj)
     return {"metrics": metrics, "n": n, "failures": failures, "unstopped": unstopped,
-            "failure_examples": examples}  # fmt: skip
+            "failure_examples": examples, "samples": records}  # fmt: skip
