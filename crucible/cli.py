@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_presets)
 
     # Command groups of the other lifecycle steps live beside their code.
+    from crucible.ablate.commands import register as register_ablate
     from crucible.data.commands import register as register_data
     from crucible.evaluate.commands import register as register_eval
     from crucible.infra.commands import register as register_infra
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_eval(sub)
     register_plan(sub)
     register_infra(sub)
+    register_ablate(sub)
     return parser
 
 

@@ -7,7 +7,7 @@ from crucible.cli import build_parser, main
 COMMANDS = [
     "train", "quickstart", "generate", "export", "report", "count-params", "config", "presets",
     "tokenizer", "data", "eval", "plan", "hardware", "roofline", "compass", "scaling", "bench",
-    "doctor",
+    "doctor", "ablate",
 ]  # fmt: skip
 
 

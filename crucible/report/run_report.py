@@ -68,11 +68,11 @@ def write_run_report(
     md_path = run_dir / "report.md"
     md_path.write_text(md)
     html_path = run_dir / "report.html"
-    html_path.write_text(_markdown_to_html(md, run_dir.name))
+    html_path.write_text(markdown_to_html(md, run_dir.name))
     return md_path, html_path
 
 
-def _markdown_to_html(md: str, title: str) -> str:
+def markdown_to_html(md: str, title: str) -> str:
     """Enough Markdown for our own reports: headings, bullets, tables, code, images."""
     out, in_code, in_table, in_list = [], False, False, False
     for line in md.splitlines():

@@ -1,0 +1,1 @@
+"""Ablation suites: a baseline and variants trained over the same seeds, compared with statistics."""
