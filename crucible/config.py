@@ -161,6 +161,12 @@ class TrainConfig(_Strict):
     val_every: int = Field(100, ge=0, description="0 disables periodic validation.")
     val_batches: int = Field(8, ge=1, description="Micro-batches per validation.")
     threads: int | None = Field(None, description="torch CPU threads; default: torch's.")
+    stop_at: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after this step (saving a checkpoint there, no summary.json); the LR "
+        "schedule is still that of `steps`. Used for the shared trunk of forked ablations.",
+    )
     wandb_project: str | None = None
     tensorboard: bool = True
 
@@ -172,6 +178,12 @@ class TrainConfig(_Strict):
 class CheckpointConfig(_Strict):
     every: int = Field(100, ge=0, description="Save every N steps; 0 saves only at the end.")
     keep_last: int = Field(2, ge=1)
+    init_from: str | None = Field(
+        None,
+        description="A complete checkpoint directory (.../checkpoints/step_N) to start from: "
+        "model, optimizer and RNG state, at step N, with this run's data and schedule. Ignored "
+        "once the run has checkpoints of its own (--resume continues those).",
+    )
 
 
 class DistributedConfig(_Strict):
@@ -220,6 +232,10 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"train.global_batch_size {self.train.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size {self.train.micro_batch_size}"
+            )
+        if self.train.stop_at is not None and self.train.stop_at > self.train.steps:
+            raise ValueError(
+                f"train.stop_at {self.train.stop_at} is after train.steps {self.train.steps}"
             )
         return self
 

@@ -144,3 +144,69 @@ def test_mixture_config_errors():
         load_config("tiny", ["data.sources={a: x}", "data.stages=[{name: s, weights: {b: 1}}]"])
     with pytest.raises(ConfigError, match="both data.sources and data.stages"):
         load_config("tiny", ["data.sources={a: x}"])
+
+
+def test_init_from_continues_a_run_exactly_and_forks_with_other_data(small_overrides, data_cache):
+    common = [*small_overrides, "train.steps=6", "train.log_every=1", "train.val_every=0",
+              "checkpoint.every=4", "train.dtype=fp32", "schedule.kind=wsd",
+              "schedule.warmup_steps=1", "schedule.decay_fraction=0.5"]  # fmt: skip
+    a = load_config("tiny", [*common, "name=a"])
+    train(a, quiet=True)
+    fork = a.run_dir / "checkpoints" / "step_000004"
+    b = load_config("tiny", [*common, "name=b", f"checkpoint.init_from={fork}"])
+    train(b, quiet=True)
+    wa = load_file(str(a.run_dir / "checkpoints/step_000006/model.safetensors"))
+    wb = load_file(str(b.run_dir / "checkpoints/step_000006/model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k  # same config from the same state: bitwise equal
+
+    def events(run):
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    lr_a = {e["step"]: e["lr"] for e in events(a.run_dir) if e["event"] == "train"}
+    lr_b = {e["step"]: e["lr"] for e in events(b.run_dir) if e["event"] == "train"}
+    assert lr_b == {5: lr_a[5], 6: lr_a[6]}  # the schedule continues
+
+    given = next(data_cache.glob("stdlib-*"))
+    mixture = [
+        f"data.tokenizer={given / 'tokenizer.json'}",
+        f"data.val_shards={given / 'val'}",
+        f"data.sources={{web: '{given / 'train'}', code: '{given / 'val'}'}}",
+        "data.stages=[{name: stable, steps: 4, weights: {web: 1}},"
+        " {name: decay, weights: {web: 1, code: 1}}]",
+    ]
+    c = load_config("tiny", [*common, *mixture, "name=c", f"checkpoint.init_from={fork}"])
+    result = train(c, quiet=True)
+    ev = events(c.run_dir)
+    assert ev[0]["event"] == "init_from" and ev[0]["step"] == 4
+    assert [e["step"] for e in ev if e["event"] == "train"] == [5, 6]
+    assert [(e["step"], e["stage"]) for e in ev if e["event"] == "stage"] == [(4, "decay")]
+    assert result.step == 6 and (c.run_dir / "summary.json").is_file()
+    # Resumable: with its own checkpoints, --resume wins over init_from.
+    assert train(c, resume=True, quiet=True).step == 6
+
+
+def test_stop_at_and_init_from_errors(small_overrides):
+    common = [*small_overrides, "train.steps=4", "train.val_every=0", "checkpoint.every=0"]
+    trunk = load_config("tiny", [*common, "name=trunk", "train.stop_at=2"])
+    result = train(trunk, quiet=True)
+    assert result.step == 2 and result.val is None
+    assert not (trunk.run_dir / "summary.json").exists()
+    assert json.loads((trunk.run_dir / "stopped.json").read_text())["step"] == 2
+    assert [s for s, _ in list_checkpoints(trunk.run_dir / "checkpoints")] == [2]
+    with pytest.raises(ConfigError, match="after train.steps"):
+        load_config("tiny", [*common, "train.stop_at=5"])
+    bad = trunk.run_dir / "checkpoints" / "step_000009"
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        train(load_config("tiny", [*common, "name=x", f"checkpoint.init_from={bad}"]), quiet=True)
+    bad.mkdir()
+    with pytest.raises(ConfigError, match="incomplete checkpoint"):
+        train(load_config("tiny", [*common, "name=y", f"checkpoint.init_from={bad}"]), quiet=True)
+    good = trunk.run_dir / "checkpoints" / "step_000002"
+    late = load_config(
+        "tiny", [*common, "name=z", "train.stop_at=2", f"checkpoint.init_from={good}"]
+    )
+    with pytest.raises(ConfigError, match="nothing to train"):
+        train(late, quiet=True)
+    assert not (late.run_dir).exists()

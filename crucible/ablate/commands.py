@@ -3,6 +3,7 @@
 crucible ablate suite.yaml                 plan + estimate, run every arm x seed, report
 crucible ablate attention --dry-run        only the plan (diffs, params, FLOPs, warnings, cost)
 crucible ablate suite.yaml --report-only   rewrite the report from the runs that exist
+crucible ablate suite.yaml --jobs 4        up to 4 runs at once (separate processes)
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="only (re)write the report")
     p.add_argument("--alpha", type=float, default=ALPHA, help="significance level of verdicts")
     p.add_argument("--verbose", action="store_true", help="show each run's training log")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train up to N runs at once, as separate processes with cores // N threads each",
+    )
     p.set_defaults(func=run_command)
     return p
 
@@ -50,6 +57,8 @@ def run_command(args: argparse.Namespace) -> int:
     )
     from crucible.ablate.suite import format_plan, load_suite, plan_arms
 
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs} must be >= 1")
     if not 0 < args.alpha < 1:
         raise ValueError(f"--alpha {args.alpha} must be between 0 and 1")
     suite = load_suite(args.suite)
@@ -75,7 +84,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     write_plan(suite_dir, suite, arms, cost)
     t0 = time.perf_counter()
-    timings = run_suite(suite, suite_dir, quiet=not args.verbose)
+    timings = run_suite(suite, suite_dir, quiet=not args.verbose, jobs=args.jobs)
     print(
         f"done in {duration(time.perf_counter() - t0)} (estimated "
         f"{duration(cost.wall_s)}; {len(timings)} runs trained by this suite in "

@@ -121,6 +121,16 @@ def write_suite_report(
         f"- seeds: {results.seeds} (paired: each seed is the same init and data order in every "
         "arm)",
         f"- tokens per run: {arms[0].tokens:,}",
+        *(
+            [
+                f"- forked at step {suite.fork_step}: per seed, the baseline was trained once to "
+                f"step {suite.fork_step} (`runs/trunk-s<seed>`); every arm, the baseline "
+                "included, starts from that checkpoint (weights, optimizer, RNG) and differs "
+                "only after it"
+            ]
+            if suite.fork_step is not None
+            else []
+        ),
         f"- verdicts: paired t-test on per-seed differences at α = {alpha}; lower is better for "
         "losses and bits-per-byte, higher for scores",
     ]

@@ -9,6 +9,7 @@ variants:
   untied:
     overrides: {model.tie_embeddings: false, model.intermediate_size: 640}
     acknowledge_multi_change: true
+fork: {step: 40}           # optional: every arm starts from a shared trunk at step 40 (per seed)
 ```
 
 Everything is resolved and checked here, before any training: unknown keys (named by variant),
@@ -31,11 +32,23 @@ from crucible.plan.params import count_params
 
 # Keys a variant may not touch: they set the seed or the token budget (so the data order and the
 # amount of training must match between arms), or where the suite puts its runs.
-FORBIDDEN = ("seed", "train.steps", "train.global_batch_size", "train.seq_len", "name", "out_dir")
+FORBIDDEN = (
+    "seed",
+    "train.steps",
+    "train.global_batch_size",
+    "train.seq_len",
+    "name",
+    "out_dir",
+    "train.stop_at",
+    "checkpoint.init_from",
+)
 # Keys that never count as a difference between arms (set per run by the suite).
-RUN_KEYS = ("name", "out_dir", "seed")
+RUN_KEYS = ("name", "out_dir", "seed", "checkpoint.init_from", "train.threads")
+# Set by the suite, never by the baseline.
+SUITE_SET = ("seed", "name", "out_dir", "train.stop_at", "checkpoint.init_from")
+TRUNK = "trunk"  # the shared run of a forked suite: runs/trunk-s<seed>
 PARAM_WARN = 0.05  # warn when a variant moves the parameter count by more than this
-_SUITE_KEYS = {"name", "baseline", "variants", "seeds", "out_dir", "description"}
+_SUITE_KEYS = {"name", "baseline", "variants", "seeds", "out_dir", "description", "fork"}
 _VARIANT_KEYS = {"overrides", "acknowledge_multi_change", "description"}
 
 
@@ -57,6 +70,7 @@ class Suite:
     out_dir: str | None = None
     description: str = ""
     source: str = ""
+    fork_step: int | None = None  # arms start from a shared trunk checkpoint at this step
 
     def arm_names(self) -> list[str]:
         return ["baseline", *(v.name for v in self.variants)]
@@ -76,11 +90,33 @@ class Suite:
         extra = [f"seed={seed}", f"name={arm}-s{seed}"]
         if runs_dir is not None:
             extra.append(f"out_dir={runs_dir}")
+        if self.fork_step is not None:
+            extra.append(f"checkpoint.init_from={self.trunk_checkpoint(seed, runs_dir)}")
         try:
             return load_config(self.config, [*self.overrides_of(arm), *extra])
         except ConfigError as e:
             who = "baseline" if arm == "baseline" else f"variant '{arm}'"
             raise ConfigError(f"suite {self.name}, {who}: {e}") from None
+
+    def trunk_config(self, seed: int, runs_dir: Path | None = None) -> RunConfig:
+        """The shared run of a forked suite: the baseline, stopped at the fork step."""
+        assert self.fork_step is not None
+        extra = [f"seed={seed}", f"name={TRUNK}-s{seed}", f"train.stop_at={self.fork_step}"]
+        if runs_dir is not None:
+            extra.append(f"out_dir={runs_dir}")
+        try:
+            return load_config(self.config, [*self.baseline_overrides, *extra])
+        except ConfigError as e:
+            raise ConfigError(f"suite {self.name}, trunk: {e}") from None
+
+    def trunk_checkpoint(self, seed: int, runs_dir: Path | None = None) -> Path:
+        assert self.fork_step is not None
+        return (
+            Path(runs_dir or "runs")
+            / f"{TRUNK}-s{seed}"
+            / "checkpoints"
+            / (f"step_{self.fork_step:06d}")
+        )
 
 
 def suite_names() -> list[str]:
@@ -142,7 +178,7 @@ def parse_suite(data: Any, label: str) -> Suite:
     else:
         raise ConfigError(f"{label}: baseline must be a config name or {{config: ..., overrides}}")
     for o in base_over:
-        if _override_key(o) in ("seed", "name", "out_dir"):
+        if _override_key(o) in SUITE_SET:
             raise ConfigError(
                 f"{label}: baseline overrides {_override_key(o)}; the suite sets it per run "
                 "(use `seeds:` for seeds)"
@@ -156,8 +192,8 @@ def parse_suite(data: Any, label: str) -> Suite:
         where = f"{label}: variant '{vname}'"
         if not isinstance(vname, str) or not vname.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{where}: names may use letters, digits, - and _ only")
-        if vname == "baseline":
-            raise ConfigError(f"{where}: 'baseline' is reserved")
+        if vname in ("baseline", TRUNK):
+            raise ConfigError(f"{where}: '{vname}' is reserved")
         ack, desc = False, ""
         if isinstance(spec, dict) and set(spec) <= _VARIANT_KEYS and "overrides" in spec:
             ack = spec.get("acknowledge_multi_change", False)
@@ -176,6 +212,13 @@ def parse_suite(data: Any, label: str) -> Suite:
                     "the same tokens (set it in the baseline instead; seeds via `seeds:`)"
                 )
         variants.append(Variant(vname, overrides, ack, desc))
+    fork = data.get("fork")
+    fork_step = None
+    if fork is not None:
+        step = fork.get("step") if isinstance(fork, dict) and set(fork) == {"step"} else None
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ConfigError(f"{label}: fork must be {{step: N}} with N >= 1 (got {fork!r})")
+        fork_step = step
     return Suite(
         name=str(data.get("name") or Path(label).stem),
         config=config,
@@ -185,6 +228,7 @@ def parse_suite(data: Any, label: str) -> Suite:
         out_dir=data.get("out_dir"),
         description=str(data.get("description", "")),
         source=label,
+        fork_step=fork_step,
     )
 
 
@@ -249,6 +293,13 @@ class ArmPlan:
 def plan_arms(suite: Suite) -> list[ArmPlan]:
     """Resolve every arm (seed 0) and compare it with the baseline; raises ConfigError early."""
     base_cfg = suite.config_for("baseline", suite.seeds[0])
+    if suite.fork_step is not None:
+        if suite.fork_step >= base_cfg.train.steps:
+            raise ConfigError(
+                f"suite {suite.name}: fork step {suite.fork_step} must be before train.steps "
+                f"{base_cfg.train.steps}"
+            )
+        suite.trunk_config(suite.seeds[0])  # errors surface now
     base_flat = flatten(base_cfg)
     arms = []
     for arm in suite.arm_names():
@@ -278,6 +329,10 @@ def plan_arms(suite: Suite) -> list[ArmPlan]:
                 f"changes {len(p.changes)} things ({', '.join(p.changes)}): the effect cannot be "
                 "attributed to one (set acknowledge_multi_change: true if intended)"
             )
+        if suite.fork_step is not None and any(k.startswith("model.") for k in p.changes):
+            p.warnings.append(
+                "changes the model in a forked suite: the trunk's weights must still fit it"
+            )
         if abs(p.param_delta) > PARAM_WARN:
             p.warnings.append(
                 f"parameters move by {p.param_delta:+.1%} ({base.params:,} -> {p.params:,}): "
@@ -300,6 +355,12 @@ def format_plan(suite: Suite, arms: list[ArmPlan]) -> str:
         f"{len(arms) * len(suite.seeds)} runs of {base.tokens:,} tokens each",
         f"  baseline: {base.params:,} params, {base.flops_per_token:.4g} FLOPs/token",
     ]
+    if suite.fork_step is not None:
+        lines.append(
+            f"  forked: per seed, one trunk run (the baseline) to step {suite.fork_step}; every "
+            f"arm starts from its checkpoint and trains steps {suite.fork_step + 1}.."
+            f"{base.config.train.steps}"
+        )
     for p in arms[1:]:
         lines.append(
             f"  {p.name}: {p.params:,} params ({p.param_delta:+.1%}), "

@@ -176,16 +176,34 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / "state.json").read_text())
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore model, optimizer and RNG states in place; return the saved state.json."""
-    state = read_state(ckpt)
+def check_world_size(ckpt: Path, state: dict[str, Any], world: int) -> None:
     saved_world = state.get("world_size", 1)
-    world = dist.get_world_size() if _is_dist() else 1
     if saved_world != world:
         raise ValueError(
             f"{ckpt}: saved with {saved_world} process(es), resuming with {world}; "
             "resume with the same world size"
         )
+
+
+def check_init_from(ckpt: Path, world: int) -> dict[str, Any]:
+    """Preflight of `checkpoint.init_from`: a complete checkpoint of this world size."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise ValueError(f"checkpoint.init_from {ckpt}: no such checkpoint directory")
+    if not (ckpt / "state.json").is_file():
+        raise ValueError(
+            f"checkpoint.init_from {ckpt}: incomplete checkpoint (no state.json); "
+            "give a step_N directory of a run"
+        )
+    state = read_state(ckpt)
+    check_world_size(ckpt, state, world)
+    return state
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Restore model, optimizer and RNG states in place; return the saved state.json."""
+    state = read_state(ckpt)
+    check_world_size(ckpt, state, dist.get_world_size() if _is_dist() else 1)
     if _is_dist():
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

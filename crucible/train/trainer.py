@@ -141,6 +141,19 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
             f"micro_batch_size {micro} x {world} process(es)"
         )
     grad_accum = cfg.train.global_batch_size // (micro * world)
+    # The last step this invocation trains: train.stop_at ends early (a trunk to fork from).
+    end_step = cfg.train.stop_at or cfg.train.steps
+    init_from = Path(cfg.checkpoint.init_from) if cfg.checkpoint.init_from else None
+    if init_from is not None:
+        try:
+            init_step = ckpt.check_init_from(init_from, world)["step"]
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if init_step >= end_step:
+            raise ConfigError(
+                f"checkpoint.init_from {init_from} is at step {init_step}; this run stops at "
+                f"step {end_step}: nothing to train"
+            )
     if info.is_main:
         data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len)
     barrier()
@@ -160,6 +173,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "summary.json").unlink(missing_ok=True)  # the run is unfinished from now on
+        (run_dir / "stopped.json").unlink(missing_ok=True)
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(dump_config(cfg))
         tmp.replace(run_dir / "config.yaml")
@@ -198,6 +212,20 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
             metrics.truncate_after(start_step)
             metrics.log("resume", start_step, checkpoint=latest.name)
         say(f"[bold]resumed[/] from {latest} at step {start_step}")
+    elif init_from is not None:
+        # Weights, optimizer and RNG of another run; the data position is this run's own loader
+        # at that step (a pure function of the step), so the data config may differ.
+        # Hyperparameters (betas, weight decay, ...) are this run's; only the state is loaded.
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        state = ckpt.load_checkpoint(init_from, model, optimizer)
+        for group, ours in zip(optimizer.param_groups, groups):
+            group.update(ours)
+        start_step = state["step"]
+        loader.step = start_step
+        if metrics:
+            metrics.truncate_after(start_step)  # a crashed first attempt logged nothing to keep
+            metrics.log("init_from", start_step, checkpoint=str(init_from))
+        say(f"[bold]initialised[/] from {init_from} at step {start_step}")
     elif resume:
         say(f"no complete checkpoint in {checkpoints}; starting from step 0")
 
@@ -267,7 +295,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
     t_last, steps_since, step_time = time.perf_counter(), 0, None
     last_saved = start_step if latest is not None else None
     stage_name: str | None = None
-    for step in range(start_step, cfg.train.steps):
+    for step in range(start_step, end_step):
         lr = lr_at(step, cfg.train.steps, cfg.optim.lr, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -294,7 +322,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
         steps_since += 1
         done = step + 1
 
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+        if done % cfg.train.log_every == 0 or done in (end_step, cfg.train.steps):
             gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             (loss_sum,) = all_reduce_sum([loss_acc.item()], device)
             loss = loss_sum / (steps_since * grad_accum * world)
@@ -304,7 +332,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
             tok_s = cfg.train.tokens_per_step / dt
             achieved = flops_per_token * tok_s / world
             mfu = achieved / peak if peak else None
-            eta = step_time * (cfg.train.steps - done)
+            eta = step_time * (end_step - done)
             if metrics:
                 metrics.log(
                     "train",
@@ -335,6 +363,21 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
             save(done)
             last_saved = done
         t_last += time.perf_counter() - pause  # keep throughput honest: exclude eval and saves
+
+    if end_step < cfg.train.steps:
+        # Stopped early (train.stop_at): a checkpoint at end_step and stopped.json, no validation
+        # and no summary.json: the run is not finished (resuming without stop_at continues it).
+        stop_ckpt = (
+            save(end_step) if last_saved != end_step else ckpt.step_dir(checkpoints, end_step)
+        )
+        if metrics:
+            metrics.close()
+            stopped = {"name": cfg.name, "step": end_step, "checkpoint": stop_ckpt.name}
+            tmp = run_dir / "stopped.json.tmp"
+            tmp.write_text(json.dumps(stopped, indent=1))
+            tmp.replace(run_dir / "stopped.json")
+        barrier()
+        return TrainResult(run_dir, end_step, None, stop_ckpt, run_dir / "tokenizer.json")
 
     final_step = cfg.train.steps
     val = validate(final_step)
