@@ -43,6 +43,19 @@ def data_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_data(data_cache: Path) -> Path:
+    """The directory of SMALL_MODEL's built data (tokenizer.json, train/, val/): other tests
+    build other datasets in the same cache, so find this one by its configuration."""
+    from crucible.config import load_config
+    from crucible.data.prepare import prepare_data
+
+    cfg = load_config("tiny", [*SMALL_MODEL, f"data.cache_dir={data_cache}"])
+    return prepare_data(
+        cfg.data, cfg.model.vocab_size, cfg.train.seq_len, quiet=True
+    ).val_dir.parent
+
+
+@pytest.fixture(scope="session")
 def small_base(data_cache: Path) -> list[str]:
     """Overrides for a small model on the shared data, without an output directory."""
     return [*SMALL_MODEL, f"data.cache_dir={data_cache}"]

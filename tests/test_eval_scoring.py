@@ -14,13 +14,13 @@ from crucible.model import Transformer, export_hf, generate
 
 
 @pytest.fixture(scope="module")
-def setup(data_cache: Path, tmp_path_factory):
+def setup(small_data: Path, tmp_path_factory):
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: threads only add contention
-    tok_path = next(data_cache.rglob("tokenizer.json"))
+    tok_path = small_data / "tokenizer.json"  # 512 tokens, as the model below
     raw = Tokenizer.from_file(str(tok_path))
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

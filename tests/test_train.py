@@ -86,7 +86,7 @@ def test_sigkill_then_resume_is_bitwise_identical(small_overrides, tmp_path):
     assert steps == list(range(1, 15))
 
 
-def test_bad_input_fails_before_creating_a_run(small_overrides, data_cache, tmp_path):
+def test_bad_input_fails_before_creating_a_run(small_overrides, small_data, tmp_path):
     runs = tmp_path / "runs"
 
     def fails(extra: list[str], expect: str) -> None:
@@ -105,7 +105,7 @@ def test_bad_input_fails_before_creating_a_run(small_overrides, data_cache, tmp_
     fails(["name=e", f"out_dir={blocker}/runs"], "not writable")
     fails(["name=f", "data.train_shards=/nonexistent/shards", "data.val_shards=/x",
            "data.tokenizer=/x"], "/nonexistent")  # fmt: skip
-    given = next(data_cache.glob("stdlib-*"))  # 512-token shards, given explicitly
+    given = small_data  # 512-token shards, given explicitly
     fails(["name=g", "model.vocab_size=384", f"data.tokenizer={given / 'tokenizer.json'}",
            f"data.train_shards={given / 'train'}", f"data.val_shards={given / 'val'}"],
           "384")  # fmt: skip
@@ -119,8 +119,8 @@ def test_existing_run_needs_resume(small_overrides):
         train(cfg, quiet=True)
 
 
-def test_mixture_with_stages_trains_and_accounts(small_overrides, data_cache):
-    given = next(data_cache.glob("stdlib-*"))
+def test_mixture_with_stages_trains_and_accounts(small_overrides, small_data):
+    given = small_data
     mixture = [
         f"data.tokenizer={given / 'tokenizer.json'}",
         f"data.val_shards={given / 'val'}",
@@ -146,7 +146,7 @@ def test_mixture_config_errors():
         load_config("tiny", ["data.sources={a: x}"])
 
 
-def test_init_from_continues_a_run_exactly_and_forks_with_other_data(small_overrides, data_cache):
+def test_init_from_continues_a_run_exactly_and_forks_with_other_data(small_overrides, small_data):
     common = [*small_overrides, "train.steps=6", "train.log_every=1", "train.val_every=0",
               "checkpoint.every=4", "train.dtype=fp32", "schedule.kind=wsd",
               "schedule.warmup_steps=1", "schedule.decay_fraction=0.5"]  # fmt: skip
@@ -168,7 +168,7 @@ def test_init_from_continues_a_run_exactly_and_forks_with_other_data(small_overr
     lr_b = {e["step"]: e["lr"] for e in events(b.run_dir) if e["event"] == "train"}
     assert lr_b == {5: lr_a[5], 6: lr_a[6]}  # the schedule continues
 
-    given = next(data_cache.glob("stdlib-*"))
+    given = small_data
     mixture = [
         f"data.tokenizer={given / 'tokenizer.json'}",
         f"data.val_shards={given / 'val'}",
@@ -210,3 +210,20 @@ def test_stop_at_and_init_from_errors(small_overrides):
     with pytest.raises(ConfigError, match="nothing to train"):
         train(late, quiet=True)
     assert not (late.run_dir).exists()
+
+
+def test_mixture_of_embedded_code_and_prose(small_overrides):
+    sources = [
+        "data.sources={code: 'stdlib:code', prose: 'stdlib:prose'}",
+        "data.stages=[{name: all, weights: {code: 1, prose: 3}}]",
+        "name=embedded-mix",
+        "train.steps=3",
+    ]
+    cfg = load_config("tiny", [*small_overrides, *sources])
+    train(cfg, quiet=True)
+    plan = json.loads((cfg.run_dir / "mixture.json").read_text())
+    assert {r["source"]: r["share"] for r in plan} == pytest.approx({"code": 0.25, "prose": 0.75})
+    bad = load_config("tiny", [*small_overrides, "data.sources={x: 'stdlib:poetry'}",
+                               "data.stages=[{name: s, weights: {x: 1}}]", "name=bad"])  # fmt: skip
+    with pytest.raises(ValueError, match="stdlib:code"):
+        train(bad, quiet=True)

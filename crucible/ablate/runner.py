@@ -70,8 +70,14 @@ def measure_warmup(arm: ArmPlan, steps: int = WARMUP_STEPS) -> tuple[float, floa
         cfg = arm.config.model_copy(deep=True)
         cfg = RunConfig.model_validate(
             {**cfg.model_dump(), "name": "warmup", "out_dir": tmp}
-            | {"train": {**cfg.train.model_dump(), "steps": steps, "log_every": 1, "val_every": 0}}
-            | {"checkpoint": {**cfg.checkpoint.model_dump(), "every": 0}}
+            | {
+                "train": {
+                    **cfg.train.model_dump(),
+                    **{"steps": steps, "log_every": 1, "val_every": 0, "stop_at": None},
+                }
+            }
+            # From scratch: a forked arm's trunk checkpoint does not exist yet.
+            | {"checkpoint": {**cfg.checkpoint.model_dump(), "every": 0, "init_from": None}}
             | {"eval": {**cfg.eval.model_dump(), "every": 0, "every_tokens": None}}
         )
         # Build (or check) the data first: a one-off cost, not part of every run.

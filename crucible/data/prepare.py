@@ -32,7 +32,7 @@ from crucible.tokenizer.train import (
     train_tokenizer,
 )
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: per-kind train shards (train-code, train-prose)
 BUILD_JSON = "build.json"
 VAL_SHARE = 0.05
 MIN_VAL_BYTES = 100_000
@@ -107,6 +107,11 @@ def cache_key(cfg: DataConfig, vocab_size: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# Embedded-corpus sources a mixture can name as `stdlib:<kind>` (see docs/training.md).
+STDLIB_KINDS = {"code": {"stdlib-code"}, "prose": {"stdlib-docs", "pydoc-topics"}}
+STDLIB_PREFIX = "stdlib:"
+
+
 def _layout(root: Path) -> PreparedData:
     return PreparedData(root / "tokenizer.json", root / "train", root / "val")
 
@@ -114,7 +119,8 @@ def _layout(root: Path) -> PreparedData:
 def _build_stdlib(cfg: DataConfig, vocab_size: int, tmp: Path, console: Console) -> dict:
     t0 = time.perf_counter()
     max_bytes = int(cfg.max_corpus_mb * 1_000_000)
-    train_docs = [d.text for d in iter_stdlib_documents("train", max_bytes)]
+    train_all = list(iter_stdlib_documents("train", max_bytes))
+    train_docs = [d.text for d in train_all]
     # Validation stays a small share of the cap (all of the val split at the default 12 MB).
     val_bytes = max(int(max_bytes * VAL_SHARE), MIN_VAL_BYTES)
     val_docs = [d.text for d in iter_stdlib_documents("val", val_bytes)]
@@ -140,8 +146,13 @@ def _build_stdlib(cfg: DataConfig, vocab_size: int, tmp: Path, console: Console)
     show = console.is_terminal and not console.quiet
     train = write_shards(train_docs, tok_path, tmp / "train", "train", show_progress=show)
     val = write_shards(val_docs, tok_path, tmp / "val", "val", show_progress=show)
+    # The same training text split by kind, so mixtures can weigh code against prose.
+    for kind, wanted in STDLIB_KINDS.items():
+        docs = [d.text for d in train_all if d.source in wanted]
+        write_shards(docs, tok_path, tmp / f"train-{kind}", kind, show_progress=show)
     t3 = time.perf_counter()
-    for p in (tmp / "train" / "dataset.json", tmp / "val" / "dataset.json"):
+    shard_dirs = ["train", "val", *(f"train-{k}" for k in STDLIB_KINDS)]
+    for p in (tmp / d / "dataset.json" for d in shard_dirs):
         meta = json.loads(p.read_text())
         meta["tokenizer"] = "../tokenizer.json"  # relative: the directory is renamed after this
         p.write_text(json.dumps(meta, indent=2) + "\n")
@@ -172,6 +183,9 @@ def prepare_data(
     data_cfg: DataConfig, vocab_size: int, seq_len: int, quiet: bool = False
 ) -> PreparedData:
     """Tokenizer and train/val shard locations for `data_cfg`, building the corpus if needed."""
+    embedded = {k: v for k, v in data_cfg.sources.items() if v.startswith(STDLIB_PREFIX)}
+    if embedded:
+        return _embedded_mixture(data_cfg, embedded, vocab_size, seq_len, quiet)
     if data_cfg.train_shards is not None or data_cfg.sources:
         return _given_data(data_cfg, vocab_size, seq_len)
     if data_cfg.corpus != "stdlib":
@@ -221,3 +235,33 @@ def prepare_data(
     ):
         _check_shards(ShardSet(path), str(path), what, seq_len, None)
     return prepared
+
+
+def _embedded_mixture(
+    cfg: DataConfig, embedded: dict[str, str], vocab_size: int, seq_len: int, quiet: bool
+) -> PreparedData:
+    """A mixture naming `stdlib:code` / `stdlib:prose`: build (or reuse) the embedded corpus and
+    point those sources at its per-kind shards; the tokenizer and validation default to its own."""
+    bad = {k: v for k, v in embedded.items() if v[len(STDLIB_PREFIX) :] not in STDLIB_KINDS}
+    if bad:
+        kinds = ", ".join(STDLIB_PREFIX + k for k in STDLIB_KINDS)
+        raise ValueError(f"data.sources {bad}: unknown embedded source (known: {kinds})")
+    built = prepare_data(
+        cfg.model_copy(update={"sources": {}, "stages": [], "corpus": "stdlib"}),
+        vocab_size,
+        seq_len,
+        quiet,
+    )
+    root = built.tokenizer_path.parent
+    resolved = {
+        name: str(root / f"train-{spec[len(STDLIB_PREFIX) :]}") if name in embedded else spec
+        for name, spec in cfg.sources.items()
+    }
+    given = cfg.model_copy(
+        update={
+            "sources": resolved,
+            "tokenizer": cfg.tokenizer or str(built.tokenizer_path),
+            "val_shards": cfg.val_shards or str(built.val_dir),
+        }
+    )
+    return _given_data(given, vocab_size, seq_len)
