@@ -24,5 +24,7 @@ section engine-eager 60 python3 bench/engine_mfu.py --preset llama3.2-1b-ablatio
 section vs-transformers 45 python3 bench/train_throughput.py --shape 1b --seq 4096 --batch 2 --dtypes bf16 --modes eager --steps 4 --warmup 2 --json "$OUT/vs_transformers.json"
 section engine-compiled 100 python3 bench/engine_mfu.py --preset llama3.2-1b-ablation --micro 3 --cells compiled --json "$OUT/engine_compiled.json"
 section train-cuda 45 python3 -m crucible train tiny name=gpu out_dir=/tmp/runs train.steps=60 train.global_batch_size=64 train.micro_batch_size=64 train.log_every=20 train.val_every=0 data.cache_dir=/tmp/data
+mkdir -p /tmp/doctor-storage
+section doctor 60 python3 -m crucible doctor --storage /tmp/doctor-storage --json "$OUT/doctor.json"
 cp /tmp/runs/gpu/metrics.jsonl "$OUT/train_cuda_metrics.jsonl" 2>/dev/null
 echo "=== all sections done" | tee -a "$log"
