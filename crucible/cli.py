@@ -40,28 +40,27 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from crucible.model import generate
+    from crucible.model import generate_text
     from crucible.runs import load_run_model
-    from crucible.tokenizer.train import load_tokenizer
+    from crucible.tokenizer.train import eos_id, load_tokenizer
 
     model, _, ckpt = load_run_model(Path(args.run_dir), args.checkpoint)
     tok = load_tokenizer(Path(args.run_dir) / "tokenizer.json")
     gen = torch.Generator().manual_seed(args.seed)
-    eos = tok.token_to_id("<|endoftext|>")
-    for _ in range(args.num_samples):
-        ids = tok.encode(args.prompt).ids or [eos]  # an empty prompt starts a new document
-        new = generate(
+    for i in range(args.num_samples):
+        text = generate_text(
             model,
-            ids,
+            tok,
+            args.prompt,
             args.max_new_tokens,
+            eos_id(tok),
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
-            eos_token_id=eos,
             generator=gen,
         )
-        print(args.prompt + tok.decode(new))
-        if args.num_samples > 1:
+        print(args.prompt + text)
+        if i < args.num_samples - 1:
             print("-" * 40)
     print(f"(from {ckpt})", file=sys.stderr)
     return 0

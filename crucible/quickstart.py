@@ -12,43 +12,35 @@ from pathlib import Path
 import torch
 
 from crucible.config import load_config
-from crucible.model import export_hf, generate
+from crucible.model import export_hf, generate_text
 from crucible.report.plots import plot_loss_curve
 from crucible.report.run_report import write_run_report
 from crucible.runs import load_run_model
-from crucible.tokenizer.train import load_tokenizer
+from crucible.tokenizer.train import eos_id, load_tokenizer
 from crucible.train.metrics import console, format_duration
 from crucible.train.trainer import train
 
 SAMPLE_PROMPTS = ("def ", "import os\n", "The ")
 
 
-def sample_texts(run_dir: Path, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 48, seed: int = 0):
-    model, _, _ = load_run_model(run_dir)
-    tok = load_tokenizer(run_dir / "tokenizer.json")
-    eos = tok.token_to_id("<|endoftext|>")
+def sample_texts(model, tokenizer, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 48, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    out = []
-    for prompt in prompts:
-        ids = tok.encode(prompt).ids
-        new = generate(
-            model, ids, max_new_tokens, temperature=0.8, top_k=50, eos_token_id=eos, generator=gen
-        )
-        out.append((prompt, tok.decode(new)))
-    return out
+    eos = eos_id(tokenizer)
+    return [
+        (p, generate_text(model, tokenizer, p, max_new_tokens, eos, temperature=0.8, top_k=50,
+                          generator=gen))
+        for p in prompts
+    ]  # fmt: skip
 
 
-def check_hf_export(run_dir: Path, hf_dir: Path) -> float:
+def check_hf_export(ours: torch.nn.Module, hf_dir: Path) -> float:
     """Reload the export with transformers and return the max |logit difference| vs ours."""
     from transformers import AutoModelForCausalLM
 
-    ours, cfg, _ = load_run_model(run_dir)
     theirs = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    ids = torch.randint(0, cfg.model.vocab_size, (1, min(64, cfg.model.max_seq_len)))
+    ids = torch.randint(0, ours.cfg.vocab_size, (1, min(64, ours.cfg.max_seq_len)))
     with torch.no_grad():
-        a = ours(ids).logits
-        b = theirs(ids).logits
-    return float((a - b).abs().max())
+        return float((ours(ids).logits - theirs(ids).logits).abs().max())
 
 
 def quickstart(overrides: list[str] | None = None, out_dir: str = "runs") -> Path:
@@ -62,13 +54,13 @@ def quickstart(overrides: list[str] | None = None, out_dir: str = "runs") -> Pat
     console.rule("[bold]1-4. tokenizer, shards, pretraining, validation")
     result = train(cfg)
     console.rule("[bold]5. samples (KV-cache generation)")
-    samples = sample_texts(run_dir)
+    model, _, _ = load_run_model(run_dir)  # the final checkpoint, read back as a user would
+    samples = sample_texts(model, load_tokenizer(result.tokenizer_path))
     for prompt, text in samples:
         console.print(f"[bold]{prompt!r}[/] -> {prompt + text!r}")
     console.rule("[bold]6. Hugging Face export, reloaded by transformers")
-    model, _, _ = load_run_model(run_dir)
     hf_dir = export_hf(model, run_dir / "hf", tokenizer_path=str(result.tokenizer_path))
-    diff = check_hf_export(run_dir, hf_dir)
+    diff = check_hf_export(model, hf_dir)
     console.print(f"transformers reloaded {hf_dir}: max |logit difference| {diff:.2e}")
     plot = plot_loss_curve(run_dir)
     md, html = write_run_report(

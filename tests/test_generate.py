@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crucible.config import ModelConfig
-from crucible.model import Transformer, generate
+from crucible.model import Transformer, generate, generate_text
 
 CFG = ModelConfig(
     vocab_size=53,
@@ -76,3 +76,20 @@ def test_max_seq_len_respected(model: Transformer) -> None:
     assert generate(model, list(range(32)), max_new_tokens=5) == []
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, list(range(33)), max_new_tokens=1)
+
+
+def test_generate_text_decodes_new_tokens_and_empty_prompt_starts_a_document():
+    class CharTok:  # the tokenizers.Tokenizer surface generate_text uses
+        def encode(self, text):
+            return type("Enc", (), {"ids": [ord(c) % CFG.vocab_size for c in text]})()
+
+        def decode(self, ids):
+            return ",".join(map(str, ids))
+
+    torch.manual_seed(0)
+    model = Transformer(CFG).eval()
+    greedy = {"temperature": 0.0}
+    text = generate_text(model, CharTok(), "ab", 5, None, **greedy)
+    assert text == ",".join(map(str, generate(model, [97 % CFG.vocab_size, 98 % CFG.vocab_size], 5, **greedy)))
+    empty = generate_text(model, CharTok(), "", 4, 7, **greedy)  # starts from EOS id 7
+    assert empty == ",".join(map(str, generate(model, [7], 4, eos_token_id=7, **greedy)))

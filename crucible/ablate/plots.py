@@ -13,16 +13,8 @@ import numpy as np  # noqa: E402
 
 from crucible.ablate.results import SuiteResults  # noqa: E402
 from crucible.ablate.runner import run_dir_of  # noqa: E402
+from crucible.report.plots import save_figure  # noqa: E402
 from crucible.train.metrics import read_metrics  # noqa: E402
-
-
-def _save(fig: plt.Figure, out: Path) -> Path:
-    fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
 
 
 def _curves(
@@ -58,7 +50,7 @@ def plot_loss_curves(suite_dir: Path, results: SuiteResults, out: Path) -> Path:
         ax.set_title(f"{title} (band: min..max over {len(results.seeds)} seeds)")
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def eval_metrics_to_plot(results: SuiteResults) -> list[str]:
@@ -83,4 +75,4 @@ def plot_eval_scores(results: SuiteResults, out: Path) -> Path | None:
     ax.set_title("final in-loop evaluation (error bars: 95% CI over seeds)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
-    return _save(fig, out)
+    return save_figure(fig, out)

@@ -73,3 +73,20 @@ def generate(
         if token in stop or len(out) == budget:
             return out
         ids = torch.tensor([[token]], dtype=torch.long, device=device)
+
+
+def generate_text(
+    model: Transformer,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+    **sampling,
+) -> str:
+    """Continue `prompt` with a `tokenizers.Tokenizer`; return only the new text.
+
+    An empty prompt starts a new document (the EOS token, which also separates documents).
+    """
+    ids = tokenizer.encode(prompt).ids or [eos_token_id if eos_token_id is not None else 0]
+    new = generate(model, ids, max_new_tokens, eos_token_id=eos_token_id, **sampling)
+    return tokenizer.decode(new)

@@ -30,6 +30,11 @@ def plot_loss_curve(run_dir: Path, out: Path | None = None) -> Path:
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, out)
+
+
+def save_figure(fig: plt.Figure, out: Path) -> Path:
+    """Write a figure atomically (temporary file, then rename) and close it."""
     fig.tight_layout()
     tmp = out.with_name(out.stem + ".tmp.png")
     fig.savefig(tmp)

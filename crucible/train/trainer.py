@@ -28,7 +28,7 @@ from crucible.data.shards import ShardSet
 from crucible.model import Transformer
 from crucible.plan.flops import train_flops_per_token
 from crucible.plan.params import count_params
-from crucible.tokenizer.train import load_tokenizer, token_byte_lengths
+from crucible.tokenizer.train import EOS_TOKEN, load_tokenizer, token_byte_lengths
 from crucible.train import checkpoint as ckpt
 from crucible.train.distributed import (
     all_reduce_sum,
@@ -167,7 +167,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
         token_bytes = torch.cat(
             [token_bytes, torch.zeros(cfg.model.vocab_size - token_bytes.numel(), dtype=torch.long)]
         )
-    eos = tokenizer.token_to_id("<|endoftext|>")
+    eos = tokenizer.token_to_id(EOS_TOKEN)  # None: the shards' metadata names it
 
     # ---- the run directory
     if info.is_main:

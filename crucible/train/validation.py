@@ -28,7 +28,8 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     token_bytes = token_bytes.to(device)
-    nats = n_tokens = bpb_nats = n_bytes = 0.0
+    # Sums stay on the device: one host sync at the end, not one per batch.
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     for batch in batches:
         batch = batch.to(device)
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
@@ -37,11 +38,10 @@ def evaluate_loss(
         loss = out.loss.float()
         nbytes = token_bytes[batch.targets]
         text = nbytes > 0
-        nats += loss.sum().item()
-        n_tokens += loss.numel()
-        bpb_nats += loss[text].sum().item()
-        n_bytes += nbytes.sum().item()
-    nats, n_tokens, bpb_nats, n_bytes = all_reduce_sum([nats, n_tokens, bpb_nats, n_bytes], device)
+        sums += torch.stack(
+            [loss.sum(), loss.new_tensor(loss.numel()), (loss * text).sum(), nbytes.sum().float()]
+        ).double()
+    nats, n_tokens, bpb_nats, n_bytes = all_reduce_sum(sums.tolist(), device)
     model.train(was_training)
     return {
         "val_loss": nats / max(n_tokens, 1),
