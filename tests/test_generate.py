@@ -90,6 +90,8 @@ def test_generate_text_decodes_new_tokens_and_empty_prompt_starts_a_document():
     model = Transformer(CFG).eval()
     greedy = {"temperature": 0.0}
     text = generate_text(model, CharTok(), "ab", 5, None, **greedy)
-    assert text == ",".join(map(str, generate(model, [97 % CFG.vocab_size, 98 % CFG.vocab_size], 5, **greedy)))
+    assert text == ",".join(
+        map(str, generate(model, [97 % CFG.vocab_size, 98 % CFG.vocab_size], 5, **greedy))
+    )
     empty = generate_text(model, CharTok(), "", 4, 7, **greedy)  # starts from EOS id 7
     assert empty == ",".join(map(str, generate(model, [7], 4, eos_token_id=7, **greedy)))
