@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from crucible.config import ConfigError, dump_config, load_config, preset_names
@@ -20,11 +21,17 @@ OVERRIDES_HELP = (
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from crucible.pretrain import run_pretraining
     from crucible.train.distributed import finish, launched_by_torchrun
-    from crucible.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume)
+    if args.supervise:
+        from crucible.train.supervisor import supervise
+
+        return supervise(
+            cfg, [args.config, *args.overrides], args.resume, args.max_restarts, args.backoff
+        )
+    run_pretraining(cfg, resume=args.resume)
     if launched_by_torchrun():
         finish(0)
     return 0
@@ -145,7 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue runs/<name> from its latest complete checkpoint (bit-exact on CPU)",
+        help="continue runs/<name> from its latest intact checkpoint (bit-exact on CPU)",
+    )
+    p.add_argument(
+        "--supervise",
+        action="store_true",
+        help="run training in a child process and restart it from the last intact checkpoint "
+        "when it crashes, with exponential backoff (see --max-restarts, --backoff)",
+    )
+    p.add_argument(
+        "--max-restarts", type=int, default=5, help="--supervise: restarts before giving up"
+    )
+    p.add_argument(
+        "--backoff",
+        type=float,
+        default=5.0,
+        help="--supervise: seconds before the first restart, doubled after each (max 300)",
     )
     p.set_defaults(func=_cmd_train)
 
@@ -226,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Exit codes: 0 done; 2 a user error (one line); 1 an internal error (traceback);
+    75 stopped by SIGTERM/SIGINT after a checkpoint; 3 diverged (the guards gave up)."""
+    from crucible.train.distributed import launched_by_torchrun
+    from crucible.train.errors import TrainingStopped
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
@@ -236,6 +263,21 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"crucible {args.command}: error: {e}", file=sys.stderr)
         code = 2
+    except TrainingStopped as e:
+        print(f"crucible {args.command}: {e}", file=sys.stderr)
+        code = e.exit_code
     except KeyboardInterrupt:
         code = 130
+    except Exception:  # noqa: BLE001 - a bug: show where, exit 1
+        rank = os.environ.get("RANK")
+        print(f"crucible {args.command}: internal error" + (f" on rank {rank}" if rank else ""),
+              file=sys.stderr)  # fmt: skip
+        traceback.print_exc()
+        code = 1
+    if launched_by_torchrun() and code:
+        # Leave at once: torchrun sees the failure and stops the other ranks within seconds,
+        # instead of them waiting in a collective for the timeout.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)

@@ -186,9 +186,89 @@ class CheckpointConfig(_Strict):
     )
 
 
+class SpikeConfig(_Strict):
+    """Loss / grad-norm spike handling (see docs/training.md, "Surviving the marathon").
+
+    The detector flags a step whose loss or grad norm exceeds mean + sigma x std of the last
+    `window` accepted steps (OLMo-core's skip-step rule: 6 sigma over 128 steps), once it has
+    `min_history` of them. Non-finite loss or grad norm is always caught, whatever the policy.
+    """
+
+    policy: Literal["none", "skip", "rollback", "lr_cooldown"] = Field(
+        "skip",
+        description="skip: do not apply the step's update; rollback: reload the last good "
+        "checkpoint and skip `rollback_skip_batches` steps of data (PaLM-style); lr_cooldown: "
+        "skip the step and scale the LR by `cooldown_factor` for `cooldown_steps`; none: detect "
+        "nothing (non-finite steps are still skipped).",
+    )
+    window: int = Field(128, ge=4, description="Accepted steps the statistics are taken over.")
+    sigma: float = Field(6.0, gt=0, description="Threshold in standard deviations above the mean.")
+    min_history: int = Field(
+        64, ge=2, description="Accepted steps needed before spikes are judged at all."
+    )
+    watch: list[Literal["loss", "grad_norm"]] = Field(
+        default_factory=lambda: ["loss", "grad_norm"], description="Signals the detector watches."
+    )
+    loss_min_ratio: float = Field(
+        1.2, ge=1, description="A loss spike must also exceed this multiple of the window mean."
+    )
+    grad_norm_min_ratio: float = Field(
+        3.0,
+        ge=1,
+        description="A grad-norm spike must also exceed this multiple of the window mean: at small "
+        "batches grad norms are heavy-tailed, and 6 sigma alone flags noise.",
+    )
+    escalate_after: int = Field(
+        8,
+        ge=1,
+        description="Consecutive skipped steps (spikes or non-finite) after which the run rolls "
+        "back to its last good checkpoint (or stops when there is none).",
+    )
+    rollback_skip_batches: int = Field(
+        0, ge=0, description="Steps of data skipped after a rollback (PaLM skipped 200-500)."
+    )
+    max_rollbacks: int = Field(
+        3, ge=0, description="Rollbacks allowed in one invocation before the run stops."
+    )
+    cooldown_steps: int = Field(50, ge=1, description="lr_cooldown: steps at the lower LR.")
+    cooldown_factor: float = Field(
+        0.1, gt=0, lt=1, description="lr_cooldown: LR multiplier during the window."
+    )
+
+
+class MonitorConfig(_Strict):
+    """Monitoring beyond loss: cheap scalars at every log step, details every `every` steps."""
+
+    every: int = Field(
+        100,
+        ge=0,
+        description="Steps between detailed snapshots (per-layer grad/param/update RMS, "
+        "activation RMS, max attention logit, loss per source); 0 disables them.",
+    )
+    alerts: bool = Field(True, description="Raise alerts (throughput drop, grad-norm, z growth).")
+    throughput_drop: float = Field(
+        0.5, gt=0, lt=1, description="Alert when tokens/s falls below this share of its median."
+    )
+    growth_factor: float = Field(
+        4.0, gt=1, description="Alert when grad norm or z grows by this factor over the window."
+    )
+
+
+class FaultConfig(_Strict):
+    """A fault injected on purpose (chaos testing and the incident-report example)."""
+
+    step: int = Field(ge=1, description="Optimizer step (1-based) the fault hits.")
+    kind: Literal["nan_loss", "lr_spike", "poison_batch", "crash"]
+    factor: float = Field(100.0, gt=0, description="lr_spike: LR multiplier for that step.")
+    rank: int | None = Field(None, ge=0, description="crash: only this rank (default: all).")
+
+
 class DistributedConfig(_Strict):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_minutes: float = Field(
+        30.0, gt=0, description="Collective timeout: how long ranks wait for a lost peer."
+    )
 
 
 class EvalConfig(_Strict):
@@ -220,6 +300,11 @@ class RunConfig(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    spikes: SpikeConfig = Field(default_factory=SpikeConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    faults: list[FaultConfig] = Field(
+        default_factory=list, description="Faults injected on purpose (testing the guards)."
+    )
 
     @model_validator(mode="after")
     def _check_run(self) -> RunConfig:
@@ -236,6 +321,14 @@ class RunConfig(_Strict):
         if self.train.stop_at is not None and self.train.stop_at > self.train.steps:
             raise ValueError(
                 f"train.stop_at {self.train.stop_at} is after train.steps {self.train.steps}"
+            )
+        late = [f.step for f in self.faults if f.step > self.train.steps]
+        if late:
+            raise ValueError(f"faults at steps {late} are after train.steps {self.train.steps}")
+        if self.spikes.min_history > self.spikes.window:
+            raise ValueError(
+                f"spikes.min_history {self.spikes.min_history} exceeds spikes.window "
+                f"{self.spikes.window}"
             )
         return self
 

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import torch
 
-from crucible.config import load_config
+from crucible.config import ConfigError, load_config
 from crucible.model import export_hf, generate_text
+from crucible.pretrain import run_pretraining
 from crucible.report.plots import plot_loss_curve
 from crucible.report.run_report import write_run_report
 from crucible.runs import load_run_model
 from crucible.tokenizer.train import eos_id, load_tokenizer
 from crucible.train.metrics import console, format_duration
-from crucible.train.trainer import train
 
 SAMPLE_PROMPTS = ("def ", "import os\n", "The ")
+MARKER = ".crucible-quickstart"
 
 
 def sample_texts(model, tokenizer, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 48, seed: int = 0):
@@ -49,10 +50,19 @@ def quickstart(overrides: list[str] | None = None, out_dir: str = "runs") -> Pat
     base = ["name=quickstart", f"out_dir={out_dir}", "eval.every=100"]
     cfg = load_config("tiny", [*base, *(overrides or [])])
     run_dir = cfg.run_dir
-    if run_dir.exists():  # the quickstart run is a demo: start it afresh each time
+    if run_dir.exists() and any(run_dir.iterdir()):
+        # The quickstart run is a demo, started afresh each time, but only a directory the
+        # quickstart made itself (it leaves a marker) is ever deleted.
+        if not (run_dir / MARKER).is_file():
+            raise ConfigError(
+                f"{run_dir} exists and was not made by the quickstart: choose another name= "
+                "or --out-dir (nothing was deleted)"
+            )
         shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).write_text("made by crucible quickstart; rerunning it replaces this run\n")
     console.rule("[bold]1-4. tokenizer, shards, pretraining, validation")
-    result = train(cfg)
+    result = run_pretraining(cfg)
     console.rule("[bold]5. samples (KV-cache generation)")
     model, _, _ = load_run_model(run_dir)  # the final checkpoint, read back as a user would
     samples = sample_texts(model, load_tokenizer(result.tokenizer_path))

@@ -15,8 +15,8 @@ from crucible.evaluate.commands import register
 from crucible.evaluate.load import load_eval_model
 from crucible.evaluate.suite import evaluate_tasks
 from crucible.model import export_hf
+from crucible.pretrain import run_pretraining as train
 from crucible.runs import load_run_model
-from crucible.train.trainer import train
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 TASKS = ["arithmetic", "stdlib_next_line", "stdlib_bpb", "arithmetic_gen"]

@@ -29,8 +29,8 @@ from pathlib import Path
 from crucible.ablate.suite import ArmPlan, Suite
 from crucible.config import ConfigError, RunConfig, dump_config, load_config
 from crucible.data.prepare import prepare_data
+from crucible.pretrain import run_pretraining
 from crucible.train.metrics import format_duration, read_metrics
-from crucible.train.trainer import train
 
 DEFAULT_FLOPS_PER_S = 2e10  # a CPU-ish guess, used only when no warm-up is measured
 WARMUP_STEPS = 3
@@ -83,7 +83,7 @@ def measure_warmup(arm: ArmPlan, steps: int = WARMUP_STEPS) -> tuple[float, floa
         # Build (or check) the data first: a one-off cost, not part of every run.
         prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len)
         t0 = time.perf_counter()
-        train(cfg, quiet=True)
+        run_pretraining(cfg, quiet=True)
         wall = time.perf_counter() - t0
         rows = read_metrics(Path(tmp) / "warmup", "train")
     # The first step pays one-off costs (allocation, autotuning); use the later ones.
@@ -241,7 +241,7 @@ def run_suite(
         for job in todo:
             log(f"{job.label}: {'resuming' if job.resume else 'training'}")
             t0 = time.perf_counter()
-            train(job.cfg, resume=job.resume, quiet=quiet)
+            run_pretraining(job.cfg, resume=job.resume, quiet=quiet)
             _record(suite_dir, timings, job, time.perf_counter() - t0)
             log(_finished_line(job))
         return timings

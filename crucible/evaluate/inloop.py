@@ -18,6 +18,8 @@ from crucible.config import EvalConfig, ModelConfig
 from crucible.evaluate.lm import CrucibleLM, TextTokenizer
 from crucible.evaluate.suite import build_task, expand
 from crucible.evaluate.task import Task, run_task
+from crucible.train.callbacks.base import Callback
+from crucible.train.state import Run, StepResult
 
 
 def eval_interval(cfg: EvalConfig, tokens_per_step: int) -> int:
@@ -76,3 +78,23 @@ class InLoopEval:
                 out[f"{task.name}/failures"] = float(res["failures"])
         out["eval_seconds"] = time.perf_counter() - t0
         return out
+
+
+class InLoopEvalCallback(Callback):
+    """Runs `InLoopEval` from the training loop (registered by the pretraining command)."""
+
+    def on_train_start(self, run: Run) -> None:
+        self.evaluator = InLoopEval(
+            run.cfg.eval, run.tokenizer, run.cfg.model, run.tokens_per_step, run.cfg.train.steps,
+            run.device, run.amp,
+        )  # fmt: skip
+        for name, err in self.evaluator.errors.items():
+            run.say(f"[yellow]eval task {name} skipped:[/] {err}")
+
+    def on_step_end(self, run: Run, result: StepResult) -> None:
+        if not self.evaluator.due(result.step):
+            return
+        scores = self.evaluator(run.model)
+        run.log("eval", result.step, tokens=result.step * run.tokens_per_step, **scores)
+        shown = "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if k.endswith("/acc_norm"))
+        run.say(f"  [magenta]eval[/] step {result.step}: {shown} ({scores['eval_seconds']:.1f}s)")

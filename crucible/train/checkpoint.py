@@ -29,6 +29,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 FORMAT_VERSION = 1
+
+
+class NonFiniteCheckpointError(RuntimeError):
+    """A checkpoint would record non-finite weights or optimizer state; it is not written."""
+
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 

@@ -15,37 +15,48 @@ console = Console(highlight=False, soft_wrap=True)  # log lines stay whole in fi
 
 
 class MetricsLogger:
-    """Appends events to run_dir/metrics.jsonl; mirrors scalars to TensorBoard/W&B if enabled."""
+    """Appends events to run_dir/metrics.jsonl; mirrors scalars to TensorBoard/W&B if enabled.
+
+    The mirrors open with `open_mirrors(resume_step)`: TensorBoard purges its events from that
+    step on (so a resumed run's curves are superseded, not doubled), and W&B continues the run
+    whose id is kept in `wandb_id`.
+    """
 
     def __init__(
         self, run_dir: Path, tensorboard: bool = True, wandb_project: str | None = None, cfg=None
     ):
+        self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self._tb = None
         self._wandb = None
-        if tensorboard:
+        self._want_tb, self._wandb_project, self._cfg = tensorboard, wandb_project, cfg
+
+    def open_mirrors(self, resume_step: int = 0) -> None:
+        if self._want_tb and self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self._tb = SummaryWriter(
+                    str(self.run_dir / "tensorboard"), purge_step=resume_step or None
+                )
             except ImportError:
                 self._tb = None  # TensorBoard is optional
-        if wandb_project:
+        if self._wandb_project and self._wandb is None:
             import wandb  # optional; the user asked for it, so a missing package is an error
 
+            id_file = self.run_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            id_file.write_text(run_id)
             self._wandb = wandb.init(
-                project=wandb_project, name=run_dir.name, config=cfg, dir=str(run_dir)
-            )
+                project=self._wandb_project, name=self.run_dir.name, id=run_id, resume="allow",
+                config=self._cfg, dir=str(self.run_dir),
+            )  # fmt: skip
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop events logged after the checkpoint so curves have no duplicates."""
         if not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
@@ -66,6 +77,14 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _step_of(line: str) -> float:
+    """The step of one metrics line; a torn line (a kill mid-write) sorts after everything."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
 
 
 def read_metrics(run_dir: Path, event: str | None = None) -> list[dict[str, Any]]:
