@@ -178,9 +178,14 @@ def test_label_smoothing_is_trl_sigmoid_averaged_over_both_labelings(tmp_path):
                 trainer.compute_loss(trainer.model, one_sw)
             )
             ours, _ = _ours_from_batch(
-                trainer.model, one, ref_c[i : i + 1], ref_r[i : i + 1],
-                loss_type="sigmoid", beta=beta, label_smoothing=eps,
-            )  # fmt: skip
+                trainer.model,
+                one,
+                ref_c[i : i + 1],
+                ref_r[i : i + 1],
+                loss_type="sigmoid",
+                beta=beta,
+                label_smoothing=eps,
+            )
             assert ours.loss.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
@@ -197,9 +202,13 @@ def test_whole_batch_loss_and_gradients_agree_with_trl(tmp_path, loss_type):
     trl_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     ours, _ = _ours_from_batch(
-        model, batch, batch["ref_chosen_logps"], batch["ref_rejected_logps"],
-        loss_type=loss_type, beta=0.1,
-    )  # fmt: skip
+        model,
+        batch,
+        batch["ref_chosen_logps"],
+        batch["ref_rejected_logps"],
+        loss_type=loss_type,
+        beta=0.1,
+    )
     ours.loss.backward()
     assert ours.loss.item() == pytest.approx(trl_loss.item(), abs=1e-6)
     for name, p in model.named_parameters():
@@ -289,9 +298,15 @@ def test_losses_on_hand_computed_values():
     out = preference_loss(c, r, rc, rr, loss_type="apo_down", beta=beta)
     assert out.loss.item() == pytest.approx(sig(0.5) + (1 - sig(1.5)), abs=1e-6)
     out = preference_loss(
-        c, r, rc, rr, loss_type="ipo", beta=beta,
-        chosen_tokens=torch.tensor([2.0]), rejected_tokens=torch.tensor([4.0]),
-    )  # fmt: skip
+        c,
+        r,
+        rc,
+        rr,
+        loss_type="ipo",
+        beta=beta,
+        chosen_tokens=torch.tensor([2.0]),
+        rejected_tokens=torch.tensor([4.0]),
+    )
     assert out.loss.item() == pytest.approx((1 / 2 - (-2) / 4 - 1.0) ** 2, abs=1e-6)
 
 

@@ -7,7 +7,9 @@ Definitions (TRL's `GRPOTrainer`, which the tests check against):
   NaN rewards (every verifier failed) are left out of the statistics and get A = 0.
 - ratio ρ_t = exp(logp_t - old_logp_t); per-token loss
   l_t = -min(ρ_t·A, clip(ρ_t, 1-ε, 1+ε_high)·A) + β·k3_t, with the k3 estimator
-  k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 of KL(π‖π_ref).
+  k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 of KL(π‖π_ref). With kl_bias_correction
+  (TRL 1.16's default, DeepSeek-V3.2) the k3 term is multiplied by ρ_t (not detached), which
+  makes its gradient the unbiased reverse-KL gradient; on-policy this changes the gradient only.
 - aggregation over the completion mask m:
   grpo    mean over sequences of Σ_t l·m / Σ_t m
   bnpo    Σ l·m / Σ m over the local batch
@@ -197,6 +199,7 @@ def per_token_policy_loss(
     epsilon_high: float | None = None,
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
+    kl_bias_correction: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(per-token loss, per-token k3 KL or None, ratio); `old_logps=None` means on-policy."""
     old = logps.detach() if old_logps is None else old_logps
@@ -211,6 +214,8 @@ def per_token_policy_loss(
             raise ValueError("beta > 0 needs the reference model's per-token log-probs")
         diff = ref_logps - logps
         kl = torch.exp(diff) - diff - 1.0
+        if kl_bias_correction:
+            kl = kl * ratio
         loss = loss + beta * kl
     return loss, kl, ratio
 
@@ -253,23 +258,37 @@ def policy_loss(
     epsilon_high: float | None = None,
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
+    kl_bias_correction: bool = True,
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
     grad_accum_steps: int = 1,
 ) -> PolicyLoss:
     """The GRPO-family loss of one micro-batch of completion tokens (all tensors (B, T))."""
     check_grpo_options(
-        loss_type, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta,
+        loss_type,
+        epsilon=epsilon,
+        epsilon_high=epsilon_high,
+        beta=beta,
         max_completion_length=max_completion_length if loss_type == "dr_grpo" else 1,
-    )  # fmt: skip
+    )
     per_token, kl, ratio = per_token_policy_loss(
-        logps, old_logps, advantages, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta,
+        logps,
+        old_logps,
+        advantages,
+        epsilon=epsilon,
+        epsilon_high=epsilon_high,
+        beta=beta,
         ref_logps=ref_logps,
-    )  # fmt: skip
+        kl_bias_correction=kl_bias_correction,
+    )
     loss = aggregate_loss(
-        per_token, mask, loss_type, max_completion_length=max_completion_length,
-        num_items=num_items, grad_accum_steps=grad_accum_steps,
-    )  # fmt: skip
+        per_token,
+        mask,
+        loss_type,
+        max_completion_length=max_completion_length,
+        num_items=num_items,
+        grad_accum_steps=grad_accum_steps,
+    )
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     eps_high = epsilon if epsilon_high is None else epsilon_high
     return PolicyLoss(
