@@ -401,3 +401,17 @@ def test_pair_batch_takes_rendered_ids_and_feeds_the_loss():
     assert out.loss.item() == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match="no rendered token ids"):
         pair_batch([PreferencePair((), (), ())], pad_id=0)
+
+
+def test_the_library_never_imports_trl():
+    """TRL is a test-only reference: the post-training modules must work without it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import crucible.posttrain.preference, crucible.posttrain.grpo\n"
+        "import crucible.posttrain.distill, crucible.posttrain.rewards\n"
+        "assert 'trl' not in sys.modules, 'trl imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
