@@ -354,6 +354,7 @@ def test_validate_pairs_counts_and_names_bad_records():
             "rejected": "5",
         },  # 7
         {"prompt": "  ", "chosen": "a", "rejected": "b"},  # 8 empty prompt
+        {"prompt": "2+2?", "chosen": [{"role": "user", "content": "2+2?"}], "rejected": "5"},  # 9
     ]
     good, problems = validate_pairs(records)
     assert [p.index for p in good] == [0, 3, 6]
@@ -368,12 +369,14 @@ def test_validate_pairs_counts_and_names_bad_records():
         5: "missing_field",
         7: "mismatched_prompt",
         8: "empty_prompt",
+        9: "empty_completion",
     }
     line = describe_problems(problems, total=len(records), source="pairs.jsonl")
     assert "\n" not in line
-    assert line.startswith("pairs.jsonl: 6 of 9 preference pairs skipped")
-    assert "2 mismatched prompts (records 4, 7)" in line
-    assert "1 identical chosen and rejected (record 1)" in line
+    assert line.startswith("pairs.jsonl: 7 of 10 preference pairs skipped")
+    assert "mismatched prompt: 2 (records 4, 7)" in line
+    assert "empty completion: 2 (records 2, 9)" in line
+    assert "identical chosen and rejected: 1 (record 1)" in line
     assert describe_problems([], total=3) == "pairs: all 3 preference pairs are usable"
 
 

@@ -114,14 +114,13 @@ def combine_rewards(
             f"reward_weights: {len(w)} weights for {len(per_verifier)} reward functions"
         )
     n = len(per_verifier[0])
-    out = torch.full((n,), float("nan"), dtype=torch.float32)
-    for values, weight in zip(per_verifier, w, strict=True):
-        if len(values) != n:
-            raise ValueError("every verifier must score every completion")
-        for i, v in enumerate(values):
-            if v is not None:
-                out[i] = (0.0 if torch.isnan(out[i]) else out[i]) + weight * float(v)
-    return out
+    if any(len(values) != n for values in per_verifier):
+        raise ValueError("every verifier must score every completion")
+    totals: list[float] = []
+    for i in range(n):
+        scored = [wt * float(v[i]) for v, wt in zip(per_verifier, w) if v[i] is not None]
+        totals.append(sum(scored) if scored else float("nan"))
+    return torch.tensor(totals, dtype=torch.float32)
 
 
 def truncated(

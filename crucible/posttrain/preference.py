@@ -78,7 +78,7 @@ _KIND_TEXT = {
     "empty_prompt": "empty prompt",
     "empty_completion": "empty completion",
     "identical": "identical chosen and rejected",
-    "mismatched_prompt": "mismatched prompts",
+    "mismatched_prompt": "mismatched prompt",
 }
 
 
@@ -138,7 +138,7 @@ def _parse_pair(index: int, record: Any) -> PreferencePair | PairProblem:
                 return PairProblem(
                     index, "mismatched_prompt", f"'{name}' starts with a different conversation"
                 )
-        chosen, rejected = c_answer or chosen, r_answer or rejected
+        chosen, rejected = c_answer, r_answer
     else:
         prompt, chosen_answer = _split_conversation(chosen)
         r_prompt, rejected_answer = _split_conversation(rejected)
@@ -187,7 +187,7 @@ def describe_problems(problems: Sequence[PairProblem], total: int, source: str =
     for kind, idx in by_kind.items():
         shown = ", ".join(str(i) for i in idx[:5]) + (", ..." if len(idx) > 5 else "")
         noun = "record" if len(idx) == 1 else "records"
-        parts.append(f"{len(idx)} {_KIND_TEXT.get(kind, kind)} ({noun} {shown})")
+        parts.append(f"{_KIND_TEXT.get(kind, kind)}: {len(idx)} ({noun} {shown})")
     return f"{source}: {len(problems)} of {total} preference pairs skipped: " + "; ".join(parts)
 
 
