@@ -241,7 +241,7 @@ def aggregate_loss(
             raise ConfigError("max_completion_length: the dr_grpo loss needs it")
         return total / (per_token_loss.size(0) * max_completion_length) / grad_accum_steps
     if loss_type == "dapo":
-        n = m.sum() if num_items is None else torch.as_tensor(num_items, dtype=m.dtype)
+        n = m.sum() if num_items is None else torch.as_tensor(num_items).to(m)
         return total / n.clamp(min=1.0)
     raise ConfigError(f"loss_type: {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
 

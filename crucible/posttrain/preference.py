@@ -108,9 +108,14 @@ def _split_conversation(
     return conv[:k], conv[k:]
 
 
+def _message_key(m: Message) -> tuple[str, ...]:
+    """What makes two messages the same: role, text, reasoning and tool calls (whitespace-trimmed)."""
+    fields = ("content", "reasoning", "reasoning_content", "tool_calls")
+    return (str(m.get("role")), *(str(m.get(f) or "").strip() for f in fields))
+
+
 def _same(a: Sequence[Message], b: Sequence[Message]) -> bool:
-    key = [(m.get("role"), str(m.get("content") or "").strip()) for m in a]
-    return key == [(m.get("role"), str(m.get("content") or "").strip()) for m in b]
+    return [_message_key(m) for m in a] == [_message_key(m) for m in b]
 
 
 def _parse_pair(index: int, record: Any) -> PreferencePair | PairProblem:
