@@ -191,19 +191,37 @@ def test_label_smoothing_is_trl_sigmoid_averaged_over_both_labelings(tmp_path):
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_whole_batch_loss_and_gradients_agree_with_trl(tmp_path, loss_type):
-    """The full path: TRL tokenises and collates, both sides run the model on that batch; the
-    loss and every parameter gradient agree. Reference log-probs are TRL's own precomputed ones."""
+    """The full path: TRL tokenises the pairs; our `pair_batch` stacks the same token ids into the
+    same tensors as TRL's collator; both sides run the model on the batch; the loss and every
+    parameter gradient agree. Reference log-probs are TRL's own precomputed ones."""
     trainer = _trainer(tmp_path, loss_type=[loss_type], beta=0.1)
     batch = _batch(trainer)
+    rows = [trainer.train_dataset[i] for i in range(len(PAIRS))]
+    pairs = [
+        PreferencePair(
+            (),
+            (),
+            (),
+            index=i,
+            prompt_ids=tuple(row["prompt_ids"]),
+            chosen_ids=tuple(row["chosen_ids"]),
+            rejected_ids=tuple(row["rejected_ids"]),
+        )
+        for i, row in enumerate(rows)
+    ]
+    ours_batch = pair_batch(pairs, pad_id=PAD)
+    for name in ("input_ids", "attention_mask", "completion_mask"):
+        assert torch.equal(getattr(ours_batch, name), batch[name]), name
     model = trainer.model
     model.zero_grad()
     trl_loss = trainer.compute_loss(model, batch)
     trl_loss.backward()
     trl_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    ours, _ = _ours_from_batch(
-        model,
-        batch,
+    logits = model(input_ids=ours_batch.input_ids, attention_mask=ours_batch.attention_mask).logits
+    ours = batch_preference_loss(
+        logits,
+        ours_batch,
         batch["ref_chosen_logps"],
         batch["ref_rejected_logps"],
         loss_type=loss_type,

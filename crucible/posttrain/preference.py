@@ -29,13 +29,17 @@ from crucible.posttrain.logps import SequenceLogps, sequence_logps
 __all__ = [
     "LOSS_TYPES",
     "PairProblem",
+    "PairBatch",
     "PreferenceLoss",
     "PreferencePair",
     "ReferenceLogps",
     "SequenceLogps",
+    "batch_preference_loss",
     "cached_reference_logps",
+    "compute_reference_logps",
     "describe_problems",
     "pair_batch",
+    "pair_sequence_logps",
     "preference_loss",
     "sequence_logps",
     "validate_pairs",
@@ -312,6 +316,20 @@ def preference_loss(
     )
 
 
+def pair_sequence_logps(
+    logits: torch.Tensor, batch: PairBatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen, rejected, chosen tokens, rejected tokens) from a model's logits over a pair batch.
+
+    For reference log-probs computed on the fly, call it on the reference model's logits under
+    `torch.no_grad()`.
+    """
+    seq = sequence_logps(logits, batch.input_ids, batch.completion_mask)
+    chosen, rejected = seq.logps.chunk(2)
+    n_c, n_r = seq.n_tokens.chunk(2)
+    return chosen, rejected, n_c, n_r
+
+
 def batch_preference_loss(
     policy_logits: torch.Tensor,
     batch: PairBatch,
@@ -320,9 +338,7 @@ def batch_preference_loss(
     **options: Any,
 ) -> PreferenceLoss:
     """The loss of a `pair_batch` from the policy's logits over it (chosen rows, then rejected)."""
-    seq = sequence_logps(policy_logits, batch.input_ids, batch.completion_mask)
-    chosen, rejected = seq.logps.chunk(2)
-    n_c, n_r = seq.n_tokens.chunk(2)
+    chosen, rejected, n_c, n_r = pair_sequence_logps(policy_logits, batch)
     return preference_loss(
         chosen,
         rejected,
