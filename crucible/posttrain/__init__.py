@@ -1,0 +1,1 @@
+"""Post-training: preference optimisation, RL with verifiable rewards, distillation."""
