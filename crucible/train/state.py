@@ -29,6 +29,7 @@ class StepResult:
     compute_seconds: float  # forward, backward, clip, optimizer
     stop_requested: bool = False  # some rank was asked to stop (SIGTERM/SIGINT)
     skipped: str | None = None  # why the update was not applied, if it was not
+    extra: dict[str, float] = field(default_factory=dict)  # the objective's other scalars
 
     @property
     def finite(self) -> bool:
@@ -61,6 +62,7 @@ class Run:
     val: dict[str, float] | None = None
     callbacks: list[Any] = field(default_factory=list)
     tokenizer: Any = None  # a tokenizers.Tokenizer, for callers' callbacks (in-loop eval)
+    objective: Callable[..., Any] | None = None  # (run, batch) -> step.Loss; None: pretraining
 
     @property
     def checkpoints(self) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -27,9 +28,30 @@ def set_lr(run: Run, step: int) -> float:
     return lr
 
 
+@dataclass
+class Loss:
+    """What an objective returns for one micro-batch."""
+
+    loss: torch.Tensor  # what backward differentiates (already including any auxiliary terms)
+    logged: dict[str, torch.Tensor]  # detached scalars, averaged over micro-batches and ranks;
+    # "loss" is the headline number (pretraining: cross-entropy alone, comparable with val loss)
+
+
+def pretraining_loss(run: Run, batch) -> Loss:
+    """Next-token cross-entropy; the z-loss term is trained on but logged beside the loss."""
+    out = run.model(batch.tokens, batch.targets, doc_ids=batch.doc_ids)
+    z = out.z_loss.detach() if out.z_loss is not None else out.loss.new_zeros(())
+    return Loss(out.loss, {"loss": out.loss.detach() - run.cfg.model.z_loss * z, "z_loss": z})
+
+
 def train_step(run: Run, step: int) -> StepResult:
-    """Train 0-based step `step`; return what happened (the update may have been skipped)."""
+    """Train 0-based step `step`; return what happened (the update may have been skipped).
+
+    The loss comes from `run.objective` (pretraining by default; SFT, preference and RL runs
+    plug in theirs), one call per micro-batch.
+    """
     model, device, amp = run.model, run.device, run.amp
+    objective = run.objective or pretraining_loss
     lr = set_lr(run, step)
     t0 = time.perf_counter()
     batches = run.loader.next_step()
@@ -38,35 +60,36 @@ def train_step(run: Run, step: int) -> StepResult:
             batches = cb.on_batches(run, step + 1, batches)
     t_data = time.perf_counter() - t0
 
-    z_coef = run.cfg.model.z_loss
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # ce, z, stop flag
+    totals: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         batch = batch.to(device)
         with sync_grads_context(model, last_micro_batch=i == len(batches) - 1):
             with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                out = model(batch.tokens, batch.targets, doc_ids=batch.doc_ids)
+                out = objective(run, batch)
             (out.loss / run.grad_accum).backward()
-        z = out.z_loss.detach().double() if out.z_loss is not None else sums.new_zeros(())
-        # The logged loss is cross-entropy alone, so it compares with validation loss.
-        sums[0] += out.loss.detach().double() - z_coef * z
-        sums[1] += z
+        for k, v in out.logged.items():
+            totals[k] = totals[k] + v.double() if k in totals else v.double()
     max_norm = run.cfg.optim.clip_grad if run.cfg.optim.clip_grad is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
         grad_norm = grad_norm.full_tensor()
-    sums[2] = float(run.stop_signal is not None)  # every rank learns that one was signalled
-    # One host read per step: the guards must decide before the update is applied.
-    ce, z, stop = all_reduce_sum(sums.tolist(), device)
+    keys = sorted(totals)
+    stop = torch.tensor(float(run.stop_signal is not None), dtype=torch.float64, device=device)
+    # One host read per step: the guards must decide before the update is applied. The stop
+    # flag rides along, so every rank learns that one of them was signalled.
+    flat = all_reduce_sum(torch.stack([*(totals[k] for k in keys), stop]).tolist(), device)
     n = run.grad_accum * run.info.world_size
+    means = {k: v / n for k, v in zip(keys, flat)}
     result = StepResult(
         step=step + 1,
         lr=lr,
-        loss=ce / n,
-        z_loss=z / n,
+        loss=means.pop("loss"),
+        z_loss=means.pop("z_loss", 0.0),
         grad_norm=float(grad_norm),
         data_seconds=t_data,
         compute_seconds=0.0,
-        stop_requested=stop > 0,
+        stop_requested=flat[-1] > 0,
+        extra=means,
     )
     if not result.finite:
         result.skipped = "non-finite loss or grad norm"

@@ -31,6 +31,7 @@ class LoggingCallback(Callback):
     def _reset(self) -> None:
         self.losses: list[float] = []
         self.z: list[float] = []
+        self.extra: dict[str, list[float]] = {}
         self.seconds = self.data_seconds = 0.0
         self.steps = self.skipped = 0
 
@@ -49,6 +50,8 @@ class LoggingCallback(Callback):
         if result.finite:
             self.losses.append(result.loss)
             self.z.append(result.z_loss)
+            for k, v in result.extra.items():
+                self.extra.setdefault(k, []).append(v)
         if result.skipped:
             self.skipped += 1
         done, cfg = result.step, run.cfg
@@ -73,6 +76,7 @@ class LoggingCallback(Callback):
         )
         if mfu is not None:
             values["mfu"] = mfu
+        values.update({k: sum(v) / len(v) for k, v in self.extra.items()})
         if self.skipped:
             values["skipped_steps"] = self.skipped
         run.log("train", done, **values)
