@@ -228,7 +228,7 @@ class SpikeConfig(_Strict):
         0, ge=0, description="Steps of data skipped after a rollback (PaLM skipped 200-500)."
     )
     max_rollbacks: int = Field(
-        3, ge=0, description="Rollbacks allowed in one invocation before the run stops."
+        5, ge=0, description="Rollbacks allowed in one invocation before the run stops."
     )
     cooldown_steps: int = Field(50, ge=1, description="lr_cooldown: steps at the lower LR.")
     cooldown_factor: float = Field(

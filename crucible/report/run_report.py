@@ -53,6 +53,7 @@ def write_run_report(
             cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "" for k in keys]
             lines.append(f"| {r['step']} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += incident_lines(run_dir)
     if samples:
         lines += ["## Samples", ""]
         for prompt, text in samples:
@@ -70,6 +71,45 @@ def write_run_report(
     html_path = run_dir / "report.html"
     html_path.write_text(markdown_to_html(md, run_dir.name))
     return md_path, html_path
+
+
+def incident_lines(run_dir: Path) -> list[str]:
+    """Markdown tables of the run's incidents (skipped steps, rollbacks) and alerts."""
+    lines: list[str] = []
+    incidents = read_metrics(run_dir, "incident")
+    faults = {r["step"]: r["kind"] for r in read_metrics(run_dir, "fault")}
+    if incidents or faults:
+        lines += [
+            "## Incidents",
+            "",
+            f"{len(incidents)} incident(s); injected faults: "
+            + (", ".join(f"{k} at step {s}" for s, k in sorted(faults.items())) or "none"),
+            "",
+            "| step | kind | action | signal | value | threshold | detail |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in incidents:
+            value, limit = r.get("value", r.get("loss")), r.get("threshold")
+            detail = (
+                f"from step {r['from_step']}, skip {r['skip_batches']} batches"
+                if r["kind"] == "rollback"
+                else f"streak {r.get('streak', '')}"
+            )
+            lines.append(
+                f"| {r['step']} | {r['kind']} | {r['action']} | {r.get('signal', '')} | "
+                f"{_num(value)} | {_num(limit)} | {detail} |"
+            )
+        lines.append("")
+    alerts = read_metrics(run_dir, "alert")
+    if alerts:
+        lines += ["## Alerts", "", "| step | kind | what | probable cause |", "|---|---|---|---|"]
+        lines += [f"| {r['step']} | {r['kind']} | {r['message']} | {r['cause']} |" for r in alerts]
+        lines.append("")
+    return lines
+
+
+def _num(x) -> str:
+    return f"{x:.4g}" if isinstance(x, int | float) else ""
 
 
 def markdown_to_html(md: str, title: str) -> str:

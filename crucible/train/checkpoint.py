@@ -28,6 +28,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from crucible.train import chaos
+
 FORMAT_VERSION = 1
 
 
@@ -165,6 +167,7 @@ def save_checkpoint(
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(plain))
         save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
+    chaos.point("save")
     if rank == 0:
         full = {"format": FORMAT_VERSION, "step": step, **state}
         (tmp / "state.json").write_text(json.dumps(full, indent=1))
@@ -173,6 +176,7 @@ def save_checkpoint(
         tmp.rename(final)
         for _, old in list_checkpoints(checkpoints)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+            chaos.point("prune")
     if _is_dist():
         dist.barrier()
     return final

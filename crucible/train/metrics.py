@@ -52,11 +52,16 @@ class MetricsLogger:
                 config=self._cfg, dir=str(self.run_dir),
             )  # fmt: skip
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop events logged after the checkpoint so curves have no duplicates."""
+    def truncate_after(self, step: int, keep: tuple[str, ...] = ()) -> None:
+        """On resume, drop events logged after the checkpoint so curves have no duplicates;
+        events of the kinds in `keep` stay (a rollback keeps the incidents that caused it)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if _step_of(line) <= step or any(f'"event": "{k}"' in line for k in keep)
+        ]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)

@@ -16,12 +16,14 @@ import subprocess
 import sys
 import time
 
+from rich.console import Console
+
 from crucible.config import RunConfig
 from crucible.train.errors import EXIT_DIVERGED, EXIT_PREEMPTED
-from crucible.train.metrics import console
 from crucible.train.setup import check_output_dir
 
 MAX_BACKOFF = 300.0
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # the child owns stdout
 NO_RETRY = {0: "finished", 2: "a user error", EXIT_DIVERGED: "diverged"}
 
 

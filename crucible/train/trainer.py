@@ -28,6 +28,7 @@ from crucible.data.shards import ShardSet
 from crucible.model import Transformer
 from crucible.plan.params import count_params
 from crucible.tokenizer.train import EOS_TOKEN, load_tokenizer, token_byte_lengths
+from crucible.train import chaos
 from crucible.train import checkpoint as ckpt
 from crucible.train.callbacks.base import Callback
 from crucible.train.callbacks.checkpointing import CheckpointCallback
@@ -96,6 +97,7 @@ def train(
             run.step = result.step
             for cb in run.callbacks:
                 cb.on_step_end(run, result)
+            chaos.point("step", run.step)
         for cb in run.callbacks:
             cb.on_train_end(run)
     finally:

@@ -225,7 +225,7 @@ class SpikeGuard(Callback):
                 )
                 write_decisions(run.run_dir, self.decisions)
             if run.metrics is not None:
-                run.metrics.truncate_after(target)
+                run.metrics.truncate_after(target, keep=("incident", "fault", "alert"))
         barrier()
         run.log(
             "incident", target, kind="rollback", action="rollback", from_step=result.step,
