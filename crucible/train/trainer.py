@@ -203,7 +203,8 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
 
     start_step = 0
     checkpoints = run_dir / "checkpoints"
-    latest = ckpt.latest_checkpoint(checkpoints) if resume else None
+    # leftovers removed, damaged checkpoints skipped with a warning (collective under torchrun)
+    latest = ckpt.find_resume_checkpoint(checkpoints) if resume else None
     if latest is not None:
         state = ckpt.load_checkpoint(latest, model, optimizer)
         loader.load_state_dict(state["loader"])
@@ -262,6 +263,8 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
                 "strategy": cfg.distributed.strategy if world > 1 else "single",
             },
             cfg.checkpoint.keep_last,
+            milestone_every=cfg.checkpoint.milestone_every,
+            async_save=cfg.checkpoint.async_save,
         )
 
     def validate(step: int) -> dict[str, float]:
@@ -370,6 +373,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
         stop_ckpt = (
             save(end_step) if last_saved != end_step else ckpt.step_dir(checkpoints, end_step)
         )
+        ckpt.finalize_pending()  # an async save completes before the run says it stopped
         if metrics:
             metrics.close()
             stopped = {"name": cfg.name, "step": end_step, "checkpoint": stop_ckpt.name}
@@ -382,8 +386,9 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
     final_step = cfg.train.steps
     val = validate(final_step)
     final_ckpt = (
-        save(final_step) if last_saved != final_step else ckpt.latest_checkpoint(checkpoints)
+        save(final_step) if last_saved != final_step else ckpt.step_dir(checkpoints, final_step)
     )
+    ckpt.finalize_pending()  # an async save completes before summary.json marks the run done
     if metrics:
         metrics.close()
         summary = {
