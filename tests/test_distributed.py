@@ -121,3 +121,53 @@ def test_async_save_writes_the_same_checkpoints_and_resumes(single):
     assert "resumed" in out.stdout and "step_000002" in out.stdout
     assert _losses(runs / "async") == pytest.approx(_losses(runs / "full"), rel=1e-6)
     _assert_same_weights(runs / "full/checkpoints/step_000004", ckpts / "step_000004")
+
+
+_ASYNC_SCRIPT = """
+import os, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import crucible.train.checkpoint as C
+
+dist.init_process_group("gloo")
+def build():
+    m = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 32))
+    for layer in m:
+        fully_shard(layer)
+    fully_shard(m)
+    return m, torch.optim.AdamW(m.parameters())
+torch.manual_seed(0)
+m, o = build()
+m(torch.randn(4, 32)).sum().backward()
+o.step()
+before = {n: p.full_tensor().clone() for n, p in m.named_parameters()}
+root = Path(sys.argv[1])
+path = C.save_checkpoint(root, 1, m, o, {"world_size": 2}, 2, async_save=True)
+assert not path.exists()  # not yet: the manifest and the rename wait for finalize_pending
+with torch.no_grad():  # training goes on while the shards are written
+    for p in m.parameters():
+        p.add_(1.0)
+assert C.finalize_pending() == path and C.verify_checkpoint(path) == []
+m2, o2 = build()
+C.load_checkpoint(path, m2, o2)
+assert all(torch.equal(before[n], p.full_tensor()) for n, p in m2.named_parameters())
+full = C.load_file(str(path / "model.safetensors"))
+assert full.keys() == before.keys() and all(torch.equal(before[n], full[n]) for n in full)
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_async_save_holds_the_state_at_the_save_not_later(tmp_path):
+    """The background write (DCP shards and the consolidated model) holds the values at the
+    save, though the parameters change before it is finalized; nothing appears before then."""
+    script = tmp_path / "async_save.py"
+    script.write_text(_ASYNC_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(tmp_path / "ckpts")]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "ckpts").iterdir()] == ["step_000001"]

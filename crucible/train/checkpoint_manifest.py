@@ -165,7 +165,7 @@ def _legacy_problems(path: Path, state: dict[str, Any]) -> list[Problem]:
 def check_checkpoint(path: Path, verify: Verify = "hash") -> list[Problem]:
     """Everything wrong with a checkpoint directory against its manifest ([] when intact).
 
-    verify="hash" reads every byte (SHA-256, about 2 GB/s per core); "size" only compares the
+    verify="hash" reads every byte (SHA-256, up to ~2 GB/s per core); "size" only compares the
     file list and sizes (a stat per file: catches truncation, deletion, extra files, not a
     same-size overwrite or flipped bytes); "none" checks only that state.json is readable.
     """

@@ -75,7 +75,7 @@ def list_checkpoints(
     """Intact checkpoints as (step, path), oldest first; damaged ones are skipped with a warning.
 
     verify="size" (the default) stats every file: it catches missing, truncated and extra files
-    without reading them. "hash" also reads every byte of every checkpoint (SHA-256, about 2 GB/s
+    without reading them. "hash" also reads every byte of every checkpoint (SHA-256, up to ~2 GB/s
     per core: seconds per GB, so minutes for a large run's retained checkpoints). "none" only
     requires a readable state.json.
     """
@@ -98,7 +98,7 @@ def latest_checkpoint(
     naming the damaged file; a checkpoint from before manifests (format 1) is returned with a
     warning that it is unverified.
 
-    The default verify="hash" reads every byte of the checkpoint it returns (about 2 GB/s per
+    The default verify="hash" reads every byte of the checkpoint it returns (up to ~2 GB/s per
     core); pass "size" to trade the detection of flipped bytes for a stat per file.
     """
     mode = _verify_mode(verify)
