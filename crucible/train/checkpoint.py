@@ -6,10 +6,10 @@ Layout of `checkpoints/step_000123/` (format 2):
 - `model.safetensors`: the full model weights, in every layout (what generate, export, eval,
   report and doctor read; they never read anything else).
 - one process: `optimizer.safetensors` + `optimizer.json` (the tensors and the plain values of
-  `optimizer.state_dict()`), `rng.safetensors` (torch CPU/CUDA generators) and python/numpy
-  generator states in `state.json`.
+  `optimizer.state_dict()`), `rng.safetensors` (torch CPU/CUDA, numpy and python generators).
 - several processes: also `dcp/`, a sharded `torch.distributed.checkpoint` of model and
-  optimizer (for --resume only, read without arbitrary unpickling: checkpoint_dcp), and one
+  optimizer (read by --resume and init_from only, without arbitrary unpickling:
+  checkpoint_dcp), and one
   `rng_rank{r}.safetensors` per rank.
 - `manifest.json`, written last: size and SHA-256 of every other file (checkpoint_manifest).
 
@@ -251,7 +251,9 @@ def save_checkpoint(
             (tmp / "state.json").write_text(json.dumps(full, indent=1))
     except BaseException as e:
         _discard(tmp, executor)
-        raise _write_error(e, step, tmp) from e
+        if isinstance(e, OSError):
+            raise _write_error(e, step, tmp) from e
+        raise
     pending = _Pending(checkpoints, step, tmp, final, keep_last, milestone_every, futures, executor)
     if futures:
         global _PENDING
@@ -301,10 +303,8 @@ def _discard(tmp: Path, executor: ThreadPoolExecutor | None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_error(e: BaseException, step: int, tmp: Path) -> BaseException:
+def _write_error(e: OSError, step: int, tmp: Path) -> OSError:
     """An OSError (full disk, permissions, ...) restated with what was and was not lost."""
-    if not isinstance(e, OSError):
-        return e
     code = e.errno or errno.EIO
     what = e.strerror or str(e)
     return OSError(
@@ -329,7 +329,9 @@ def finalize_pending() -> Path | None:
             f.result()
     except BaseException as e:
         _discard(pending.tmp, pending.executor)
-        raise _write_error(e, pending.step, pending.tmp) from e
+        if isinstance(e, OSError):
+            raise _write_error(e, pending.step, pending.tmp) from e
+        raise
     if pending.executor is not None:
         pending.executor.shutdown(wait=True)
     return _finish(pending)
