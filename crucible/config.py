@@ -177,13 +177,38 @@ class TrainConfig(_Strict):
 
 class CheckpointConfig(_Strict):
     every: int = Field(100, ge=0, description="Save every N steps; 0 saves only at the end.")
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
+    milestone_every: int = Field(
+        0,
+        ge=0,
+        description="Also keep every checkpoint whose step is a multiple of N (a milestone), "
+        "beyond keep_last; 0: none. A multiple of checkpoint.every.",
+    )
+    async_save: bool = Field(
+        False,
+        description="Several processes: write the sharded checkpoint in the background "
+        "(torch.distributed.checkpoint.async_save); one process always saves synchronously.",
+    )
     init_from: str | None = Field(
         None,
         description="A complete checkpoint directory (.../checkpoints/step_N) to start from: "
         "model, optimizer and RNG state, at step N, with this run's data and schedule. Ignored "
         "once the run has checkpoints of its own (--resume continues those).",
     )
+
+    @model_validator(mode="after")
+    def _check_milestones(self) -> CheckpointConfig:
+        if self.milestone_every and not self.every:
+            raise ValueError(
+                "checkpoint.milestone_every needs checkpoint.every > 0 (milestones are kept "
+                "periodic checkpoints)"
+            )
+        if self.milestone_every and self.milestone_every % self.every:
+            raise ValueError(
+                f"checkpoint.milestone_every {self.milestone_every} must be a multiple of "
+                f"checkpoint.every {self.every}"
+            )
+        return self
 
 
 class SpikeConfig(_Strict):

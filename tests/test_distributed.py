@@ -1,6 +1,7 @@
 """Two CPU ranks under torchrun (gloo): DDP and FSDP2 match one process; DCP checkpoints resume."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 
 from crucible.config import load_config
 from crucible.model import Transformer
-from crucible.train.checkpoint import load_model_weights
+from crucible.train.checkpoint import list_checkpoints, load_model_weights, verify_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
@@ -80,9 +81,93 @@ def test_two_rank_checkpoint_resumes(single):
     out = _run(["tiny", *const, "name=split", "train.steps=4", "--resume"], 2)
     assert "resumed" in out.stdout
     assert _losses(runs / "split") == pytest.approx(_losses(runs / "full"), rel=1e-6)
-    cfg = load_config(runs / "full" / "config.yaml")
+    _assert_same_weights(
+        runs / "full/checkpoints/step_000004", runs / "split/checkpoints/step_000004"
+    )
+
+
+def _assert_same_weights(ckpt_a: Path, ckpt_b: Path) -> None:
+    """Both sharded checkpoints are intact and complete (manifest, DCP shards, per-rank RNG and
+    the consolidated model.safetensors that read paths load) and hold the same weights."""
+    for ckpt in (ckpt_a, ckpt_b):
+        assert verify_checkpoint(ckpt) == []
+        names = {p.name for p in ckpt.iterdir()}
+        assert {"model.safetensors", "manifest.json", "dcp", "rng_rank1.safetensors"} <= names
+    cfg = load_config(ckpt_a.parent.parent / "config.yaml")
     a, b = Transformer(cfg.model), Transformer(cfg.model)
-    load_model_weights(runs / "full/checkpoints/step_000004", a)
-    load_model_weights(runs / "split/checkpoints/step_000004", b)
+    load_model_weights(ckpt_a, a)
+    load_model_weights(ckpt_b, b)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(p, q, rtol=0, atol=1e-6), name
+
+
+def test_async_save_writes_the_same_checkpoints_and_resumes(single):
+    """checkpoint.async_save: shards written in the background while training goes on; each
+    checkpoint appears (manifest, rename) when the next save or the end of training finalizes
+    it, holds that step's state, and resumes to the same losses and weights."""
+    runs, base = single
+    const = [*base, "schedule.kind=constant", "distributed.strategy=fsdp", "train.steps=4"]
+    if not (runs / "full").exists():
+        _run(["tiny", *const, "name=full"], 2)
+    asy = [*const, "name=async", "checkpoint.async_save=true", "checkpoint.every=1",
+           "checkpoint.keep_last=4"]  # fmt: skip
+    _run(["tiny", *asy], 2)
+    ckpts = runs / "async" / "checkpoints"
+    assert [s for s, _ in list_checkpoints(ckpts, verify="hash")] == [1, 2, 3, 4]
+    assert _losses(runs / "async") == pytest.approx(_losses(runs / "full"), rel=1e-6)
+    for step in (3, 4):  # resume from step 2, written while step 3 was training
+        shutil.rmtree(ckpts / f"step_{step:06d}")
+    out = _run(["tiny", *asy, "--resume"], 2)
+    assert "resumed" in out.stdout and "step_000002" in out.stdout
+    assert _losses(runs / "async") == pytest.approx(_losses(runs / "full"), rel=1e-6)
+    _assert_same_weights(runs / "full/checkpoints/step_000004", ckpts / "step_000004")
+
+
+_ASYNC_SCRIPT = """
+import os, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import crucible.train.checkpoint as C
+
+dist.init_process_group("gloo")
+def build():
+    m = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 32))
+    for layer in m:
+        fully_shard(layer)
+    fully_shard(m)
+    return m, torch.optim.AdamW(m.parameters())
+torch.manual_seed(0)
+m, o = build()
+m(torch.randn(4, 32)).sum().backward()
+o.step()
+before = {n: p.full_tensor().clone() for n, p in m.named_parameters()}
+root = Path(sys.argv[1])
+path = C.save_checkpoint(root, 1, m, o, {"world_size": 2}, 2, async_save=True)
+assert not path.exists()  # not yet: the manifest and the rename wait for finalize_pending
+with torch.no_grad():  # training goes on while the shards are written
+    for p in m.parameters():
+        p.add_(1.0)
+assert C.finalize_pending() == path and C.verify_checkpoint(path) == []
+m2, o2 = build()
+C.load_checkpoint(path, m2, o2)
+assert all(torch.equal(before[n], p.full_tensor()) for n, p in m2.named_parameters())
+full = C.load_file(str(path / "model.safetensors"))
+assert full.keys() == before.keys() and all(torch.equal(before[n], full[n]) for n in full)
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_async_save_holds_the_state_at_the_save_not_later(tmp_path):
+    """The background write (DCP shards and the consolidated model) holds the values at the
+    save, though the parameters change before it is finalized; nothing appears before then."""
+    script = tmp_path / "async_save.py"
+    script.write_text(_ASYNC_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(tmp_path / "ckpts")]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "ckpts").iterdir()] == ["step_000001"]

@@ -1,126 +1,109 @@
-"""Checkpoints: complete or absent, never partial, and loadable without unpickling.
+"""Checkpoints: complete and verified or absent, never partial, loadable without unpickling.
 
-Layout of `checkpoints/step_000123/`:
+Layout of `checkpoints/step_000123/` (format 2):
 
 - `state.json`: step, tokens seen, data-loader position, world size and strategy, format version.
-- one process: `model.safetensors`, `optimizer.safetensors` + `optimizer.json` (the tensors and
-  the plain values of `optimizer.state_dict()`), `rng.safetensors` (torch CPU/CUDA generators) and
-  python/numpy generator states in `state.json`.
-- several processes: `dcp/`, a sharded `torch.distributed.checkpoint` of model and optimizer, and
-  one `rng_rank{r}.safetensors` per rank.
+- `model.safetensors`: the full model weights, in every layout (what generate, export, eval,
+  report and doctor read; they never read anything else).
+- one process: `optimizer.safetensors` + `optimizer.json` (the tensors and the plain values of
+  `optimizer.state_dict()`), `rng.safetensors` (torch CPU/CUDA, numpy and python generators).
+- several processes: also `dcp/`, a sharded `torch.distributed.checkpoint` of model and
+  optimizer (read by --resume and init_from only, without arbitrary unpickling:
+  checkpoint_dcp), and one
+  `rng_rank{r}.safetensors` per rank.
+- `manifest.json`, written last: size and SHA-256 of every other file (checkpoint_manifest).
 
-Everything is written under `step_000123.tmp/` and renamed into place by rank 0 once all ranks
-have finished, so a crash mid-write never leaves a directory that looks like a checkpoint.
+A save writes `step_000123.tmp/`, fsyncs every file and directory, writes the manifest and renames
+the directory into place (then fsyncs the parent), so a crash never leaves a `step_N/` that is
+not complete. A checkpoint whose weights or optimizer state hold a NaN or an Inf is refused
+(`NonFiniteCheckpointError`). Loading verifies the manifest and falls back to the newest intact
+checkpoint (checkpoint_store). With `async_save` (several processes), the DCP shards are written
+in the background; the manifest and the rename happen in `finalize_pending()`, which the next save
+and the end of training call.
 """
 
 from __future__ import annotations
 
+import errno
 import json
-import random
-import re
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from crucible.config import ConfigError
 from crucible.train import chaos
+from crucible.train.checkpoint_manifest import (
+    Verify,
+    Warn,
+    checkpoint_files,
+    describe_files,
+    fsync_dirs,
+    fsync_path,
+    is_legacy,
+    read_parts,
+    verify_checkpoint,
+    write_manifest,
+    write_part,
+)
+from crucible.train.checkpoint_state import (
+    flatten_optimizer,
+    rng_tensors,
+    set_rng,
+    unflatten_optimizer,
+)
+from crucible.train.checkpoint_store import (
+    CheckpointWarning,
+    clean_checkpoints,
+    default_warn,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    step_dir,
+)
 
-FORMAT_VERSION = 1
+__all__ = [
+    "CheckpointError",
+    "CheckpointWarning",
+    "NonFiniteCheckpointError",
+    "Verify",
+    "check_init_from",
+    "clean_checkpoints",
+    "finalize_pending",
+    "find_resume_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model_weights",
+    "read_state",
+    "save_checkpoint",
+    "step_dir",
+    "verify_checkpoint",
+]
+
+FORMAT_VERSION = 2
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used: missing, incomplete, damaged or of another layout."""
 
 
 class NonFiniteCheckpointError(RuntimeError):
-    """A checkpoint would record non-finite weights or optimizer state; it is not written."""
+    """The model or optimizer state holds a NaN or an Inf: the checkpoint was not written."""
 
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def step_dir(checkpoints: Path, step: int) -> Path:
-    return checkpoints / f"step_{step:06d}"
-
-
-def list_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first (a `.tmp` directory or one without state.json is not)."""
-    if not checkpoints.is_dir():
-        return []
-    found = []
-    for p in checkpoints.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and (p / "state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    found = list_checkpoints(checkpoints)
-    return found[-1][1] if found else None
-
-
-# --------------------------------------------------------------------------- RNG
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"torch_cuda_{i}"] = s
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    out["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
-    out["numpy_meta"] = torch.tensor([pos, has_gauss], dtype=torch.int64)
-    out["numpy_cached"] = torch.tensor([cached], dtype=torch.float64)
-    version, state, gauss = random.getstate()
-    out["python_state"] = torch.tensor(state, dtype=torch.int64)
-    out["python_meta"] = torch.tensor([version], dtype=torch.int64)
-    out["python_gauss"] = torch.tensor([float("nan") if gauss is None else gauss])
-    return out
-
-
-def _set_rng(t: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(t["torch_cpu"])
-    cuda = [t[k] for k in sorted(k for k in t if k.startswith("torch_cuda_"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    pos, has_gauss = (int(x) for x in t["numpy_meta"])
-    keys = t["numpy_keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, pos, has_gauss, float(t["numpy_cached"][0])))
-    gauss = float(t["python_gauss"][0])
-    random.setstate(
-        (
-            int(t["python_meta"][0]),
-            tuple(int(x) for x in t["python_state"]),
-            None if gauss != gauss else gauss,
+    def __init__(self, step: int, tensor: str) -> None:
+        self.step, self.tensor = step, tensor
+        super().__init__(
+            f"checkpoint step {step} not written: {tensor} holds non-finite values (NaN or Inf); "
+            "the earlier checkpoints are kept"
         )
-    )
-
-
-# --------------------------------------------------------------------------- optimizer state
-
-
-def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors: dict[str, torch.Tensor] = {}
-    plain: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"state.{idx}.{k}"] = v.contiguous()
-            else:
-                plain["state"].setdefault(str(idx), {})[k] = v
-    return tensors, plain
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = v
-    for idx, st in plain["state"].items():
-        state.setdefault(int(idx), {}).update(st)
-    return {"state": state, "param_groups": plain["param_groups"]}
 
 
 # --------------------------------------------------------------------------- save / load
@@ -134,6 +117,81 @@ def _rank() -> int:
     return dist.get_rank() if _is_dist() else 0
 
 
+def _barrier() -> None:
+    if _is_dist():
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _nested_tensors(prefix: str, obj: Any) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        return [(prefix, obj)]
+    if isinstance(obj, dict):
+        return [x for k, v in obj.items() for x in _nested_tensors(f"{prefix}.{k}", v)]
+    if isinstance(obj, (list, tuple)):
+        return [x for i, v in enumerate(obj) for x in _nested_tensors(f"{prefix}.{i}", v)]
+    return []
+
+
+def check_finite(step: int, named: list[tuple[str, torch.Tensor]]) -> None:
+    """Raise NonFiniteCheckpointError naming the first tensor with a NaN or an Inf.
+
+    One device sync for all tensors; collective under torchrun (every rank raises together).
+    """
+    floats = [(n, t) for n, t in named if t.is_floating_point() or t.is_complex()]
+    first = len(floats)
+    if floats:
+        local = [t.to_local() if hasattr(t, "to_local") else t for _, t in floats]
+        dev = local[0].device
+        ok = torch.stack([torch.isfinite(t).all().to(dev) for t in local])
+        bad = (~ok).nonzero()
+        first = int(bad[0, 0]) if bad.numel() else len(floats)
+    if _is_dist():
+        t = torch.tensor([first], dtype=torch.int64, device=_comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        first = int(t.item())
+    if first < len(floats):
+        raise NonFiniteCheckpointError(step, floats[first][0])
+
+
+def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """Index in optimizer.state_dict()['state'] -> parameter name (for readable errors)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    return {i: names.get(id(p), str(i)) for i, p in enumerate(order)}
+
+
+@dataclass
+class _Pending:
+    """An async save whose shards are still being written."""
+
+    checkpoints: Path
+    step: int
+    tmp: Path
+    final: Path
+    keep_last: int
+    milestone_every: int
+    futures: list[Future]
+    executor: ThreadPoolExecutor | None
+
+
+_PENDING: _Pending | None = None
+_ASYNC_GROUP: Any = None
+
+
+def _async_group() -> Any:
+    """A gloo group of its own for background saves: they never share the training collectives."""
+    global _ASYNC_GROUP
+    if _ASYNC_GROUP is None:
+        _ASYNC_GROUP = dist.new_group(backend="gloo")
+    return _ASYNC_GROUP
+
+
 def save_checkpoint(
     checkpoints: Path,
     step: int,
@@ -141,49 +199,178 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep_last: int,
+    *,
+    milestone_every: int = 0,
+    async_save: bool = False,
+    warn: Warn | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically; prune to the newest `keep_last`. Collective if dist."""
+    """Write checkpoint `step` atomically and durably, then apply retention. Collective if dist.
+
+    Retention keeps the newest `keep_last` and every `milestone_every`-th step (0: none).
+    `async_save` (several processes only; one process always saves synchronously) returns once
+    the state is copied and writes the shards in the background: the checkpoint appears when
+    `finalize_pending()` runs (the next save calls it). Raises NonFiniteCheckpointError before
+    writing anything if a weight or optimizer value is NaN/Inf; an OSError (e.g. a full disk)
+    removes the partial `step_N.tmp/` and leaves the earlier checkpoints as they were.
+    """
+    finalize_pending()
+    checkpoints = Path(checkpoints)
     final = step_dir(checkpoints, step)
     tmp = final.with_name(final.name + ".tmp")
-    rank = _rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if _is_dist():
-        import torch.distributed.checkpoint as dcp
+    rank, sharded = _rank(), _is_dist()
+    if sharded:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        dist.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
-        save_file(_rng_tensors(), str(tmp / f"rng_rank{rank}.safetensors"))
-        dist.barrier()
+        check_finite(step, _nested_tensors("model", model_sd) + _nested_tensors("optim", optim_sd))
     else:
-        save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items()},
-            str(tmp / "model.safetensors"),
-        )
-        tensors, plain = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(plain))
-        save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
-    chaos.point("save")
+        model_sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+        opt_tensors, plain = flatten_optimizer(optimizer.state_dict())
+        names = _optimizer_names(model, optimizer)
+        named_opt = []
+        for key, v in opt_tensors.items():
+            _, idx, what = key.split(".", 2)
+            named_opt.append((f"optimizer {what} of {names.get(int(idx), idx)}", v))
+        check_finite(step, [(f"model {k}", v) for k, v in model_sd.items()] + named_opt)
     if rank == 0:
-        full = {"format": FORMAT_VERSION, "step": step, **state}
-        (tmp / "state.json").write_text(json.dumps(full, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for _, old in list_checkpoints(checkpoints)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-            chaos.point("prune")
-    if _is_dist():
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        clean_checkpoints(checkpoints, warn)
+        tmp.mkdir()
+    _barrier()
+    futures: list[Future] = []
+    executor = None
+    try:
+        if sharded:
+            futures, executor = _save_sharded(tmp, model, model_sd, optim_sd, async_save)
+        else:
+            save_file(model_sd, str(tmp / "model.safetensors"))
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(plain))
+            save_file(rng_tensors(), str(tmp / "rng.safetensors"))
+        chaos.point("save")  # a kill mid-save (chaos tests)
+        if rank == 0:
+            full = {"format": FORMAT_VERSION, "step": step, **state}
+            (tmp / "state.json").write_text(json.dumps(full, indent=1))
+    except BaseException as e:
+        _discard(tmp, executor)
+        if isinstance(e, OSError):
+            raise _write_error(e, step, tmp) from e
+        raise
+    pending = _Pending(checkpoints, step, tmp, final, keep_last, milestone_every, futures, executor)
+    if futures:
+        global _PENDING
+        _PENDING = pending
+        return final
+    return _finish(pending)
+
+
+def _save_sharded(
+    tmp: Path, model: nn.Module, model_sd: dict, optim_sd: dict, async_save: bool
+) -> tuple[list[Future], ThreadPoolExecutor | None]:
+    """DCP shards of model and optimizer, this rank's RNG, and (rank 0) the consolidated model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    rank = _rank()
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )  # collective; the full tensors land on rank 0 only
+    sd = {"model": model_sd, "optim": optim_sd}
+    futures: list[Future] = []
+    executor = None
+    if async_save:
+        from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+
+        out = dcp.async_save(sd, checkpoint_id=str(tmp / "dcp"), process_group=_async_group())
+        futures.append(out.upload_completion if isinstance(out, AsyncSaveResponse) else out)
+    else:
+        dcp.save(sd, checkpoint_id=str(tmp / "dcp"))
+    save_file(rng_tensors(), str(tmp / f"rng_rank{rank}.safetensors"))
+    if rank == 0:
+        # cpu_offload may return the parameters themselves (an unsharded model on CPU): copy them
+        # when the training loop goes on while the file is written.
+        full = {k: (v.clone() if async_save else v).contiguous() for k, v in full.items()}
+        if async_save:
+            executor = ThreadPoolExecutor(1, thread_name_prefix="crucible-ckpt")
+            futures.append(executor.submit(save_file, full, str(tmp / "model.safetensors")))
+        else:
+            save_file(full, str(tmp / "model.safetensors"))
+    return futures, executor
+
+
+def _discard(tmp: Path, executor: ThreadPoolExecutor | None) -> None:
+    if executor is not None:
+        executor.shutdown(wait=True)
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_error(e: OSError, step: int, tmp: Path) -> OSError:
+    """An OSError (full disk, permissions, ...) restated with what was and was not lost."""
+    code = e.errno or errno.EIO
+    what = e.strerror or str(e)
+    return OSError(
+        code,
+        f"checkpoint step {step} not written ({what}); its partial {tmp.name}/ was removed and "
+        "the earlier checkpoints are intact",
+    )
+
+
+def finalize_pending() -> Path | None:
+    """Complete an async save: wait for its writes, then manifest, rename and retention.
+
+    Collective under torchrun; a no-op (returns None) when nothing is pending. Call it at the
+    end of training (and before reading the checkpoints directory); each save calls it first.
+    """
+    global _PENDING
+    pending, _PENDING = _PENDING, None
+    if pending is None:
+        return None
+    try:
+        for f in pending.futures:
+            f.result()
+    except BaseException as e:
+        _discard(pending.tmp, pending.executor)
+        if isinstance(e, OSError):
+            raise _write_error(e, pending.step, pending.tmp) from e
+        raise
+    if pending.executor is not None:
+        pending.executor.shutdown(wait=True)
+    return _finish(pending)
+
+
+def _finish(p: _Pending) -> Path:
+    """Every rank fsyncs and hashes its share of the files; rank 0 writes the manifest, renames
+    `step_N.tmp` to `step_N` (replacing an earlier attempt at this step) and prunes."""
+    rank, sharded = _rank(), _is_dist()
+    world = dist.get_world_size() if sharded else 1
+    _barrier()  # every rank's files are written
+    rels = checkpoint_files(p.tmp)
+    entries = describe_files(p.tmp, rels[rank::world])
+    if sharded:
+        write_part(p.tmp, rank, entries)
         dist.barrier()
-    return final
+    if rank == 0:
+        if sharded:
+            entries = read_parts(p.tmp)
+        write_manifest(p.tmp, p.step, entries)
+        fsync_dirs(p.tmp)
+        doomed = None
+        if p.final.exists():
+            doomed = p.final.with_name(p.final.name + ".deleting")
+            shutil.rmtree(doomed, ignore_errors=True)
+            p.final.rename(doomed)
+        p.tmp.rename(p.final)
+        fsync_path(p.checkpoints)
+        if doomed is not None:
+            shutil.rmtree(doomed)
+        prune_checkpoints(p.checkpoints, p.step, p.keep_last, p.milestone_every)
+    _barrier()
+    return p.final
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / "state.json").read_text())
+    return json.loads((Path(ckpt) / "state.json").read_text())
 
 
 def check_world_size(ckpt: Path, state: dict[str, Any], world: int) -> None:
@@ -195,8 +382,9 @@ def check_world_size(ckpt: Path, state: dict[str, Any], world: int) -> None:
         )
 
 
-def check_init_from(ckpt: Path, world: int) -> dict[str, Any]:
-    """Preflight of `checkpoint.init_from`: a complete checkpoint of this world size."""
+def check_init_from(ckpt: Path, world: int, *, warn: Warn | None = None) -> dict[str, Any]:
+    """Preflight of `checkpoint.init_from`: an intact checkpoint (manifest verified, every byte
+    hashed) of this world size. Raises ValueError with one line naming the problem."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise ValueError(f"checkpoint.init_from {ckpt}: no such checkpoint directory")
@@ -205,48 +393,79 @@ def check_init_from(ckpt: Path, world: int) -> dict[str, Any]:
             f"checkpoint.init_from {ckpt}: incomplete checkpoint (no state.json); "
             "give a step_N directory of a run"
         )
+    problems = verify_checkpoint(ckpt, "hash")
+    if problems:
+        raise ValueError(f"checkpoint.init_from {ckpt}: damaged checkpoint: {problems[0]}")
+    if is_legacy(ckpt):
+        (warn or default_warn)(f"checkpoint {ckpt} predates manifests (format 1): unverified")
     state = read_state(ckpt)
     check_world_size(ckpt, state, world)
     return state
 
 
+def find_resume_checkpoint(checkpoints: Path, *, warn: Warn | None = None) -> Path | None:
+    """What `--resume` continues from: leftovers removed, the newest intact checkpoint (every byte
+    hashed), with a warning for each damaged one skipped. Collective under torchrun: rank 0
+    cleans and verifies, the other ranks receive its answer."""
+    if not _is_dist():
+        clean_checkpoints(checkpoints, warn)
+        return latest_checkpoint(checkpoints, "hash", warn)
+    step = -1
+    if _rank() == 0:
+        clean_checkpoints(checkpoints, warn)
+        found = latest_checkpoint(checkpoints, "hash", warn)
+        step = read_state(found)["step"] if found is not None else -1
+    t = torch.tensor([step], dtype=torch.int64, device=_comm_device())
+    dist.broadcast(t, src=0)
+    step = int(t.item())
+    return step_dir(checkpoints, step) if step >= 0 else None
+
+
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore model, optimizer and RNG states in place; return the saved state.json."""
+    """Restore model, optimizer and RNG states in place; return the saved state.json.
+
+    Does not verify the manifest (find_resume_checkpoint / latest_checkpoint / check_init_from
+    have). Several processes read `dcp/` through the restricted reader of checkpoint_dcp.
+    """
     state = read_state(ckpt)
     check_world_size(ckpt, state, dist.get_world_size() if _is_dist() else 1)
     if _is_dist():
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        from crucible.train.checkpoint_dcp import SafeLoadPlanner, SafeReader
+
         model_sd, optim_sd = get_state_dict(model, optimizer)
         sd = {"model": model_sd, "optim": optim_sd}
-        dcp.load(sd, checkpoint_id=str(ckpt / "dcp"))
+        dcp.load(sd, storage_reader=SafeReader(str(ckpt / "dcp")), planner=SafeLoadPlanner())
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-        _set_rng(load_file(str(ckpt / f"rng_rank{_rank()}.safetensors")))
+        set_rng(load_file(str(ckpt / f"rng_rank{_rank()}.safetensors")))
     else:
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
         if optimizer is not None:
             plain = json.loads((ckpt / "optimizer.json").read_text())
             tensors = load_file(str(ckpt / "optimizer.safetensors"))
-            optimizer.load_state_dict(_unflatten_optimizer(tensors, plain))
-        _set_rng(load_file(str(ckpt / "rng.safetensors")))
+            optimizer.load_state_dict(unflatten_optimizer(tensors, plain))
+        set_rng(load_file(str(ckpt / "rng.safetensors")))
     return state
 
 
 def load_model_weights(ckpt: Path, model: nn.Module) -> None:
-    """Load only the model weights of any checkpoint into an unwrapped model, one process.
-
-    Sharded (DCP) checkpoints are read without a process group; DCP reassembles the shards.
-    """
-    if (ckpt / "model.safetensors").is_file():
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
-        return
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-
-    sd = {"model": model.state_dict()}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(sd, checkpoint_id=str(ckpt / "dcp"))
-    model.load_state_dict(sd["model"], strict=True)
+    """Load the model weights of any checkpoint into an unwrapped model, from model.safetensors
+    only (never from dcp/, whose index is a pickle). Raises CheckpointError if there is none."""
+    ckpt = Path(ckpt)
+    path = ckpt / "model.safetensors"
+    if not path.is_file():
+        hint = ""
+        if (ckpt / "dcp").is_dir():
+            hint = (
+                ": a sharded checkpoint from before format 2 has only dcp/, which is not read "
+                "outside --resume (its index is a pickle); resume the run to write one with "
+                "model.safetensors"
+            )
+        raise CheckpointError(f"{ckpt}: no model.safetensors{hint}")
+    try:
+        weights = load_file(str(path))
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+    model.load_state_dict(weights, strict=True)

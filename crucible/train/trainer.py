@@ -106,6 +106,7 @@ def train(
                 cb.close()
         if run.metrics is not None:
             run.metrics.close()
+    ckpt.finalize_pending()  # an async save completes before the run says it stopped or finished
     if run.stop is not None:
         barrier()
         raise run.stop
@@ -202,7 +203,7 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
 def resume_from(run: Run, resume: bool) -> None:
     """Continue the run's own latest intact checkpoint, or start from `checkpoint.init_from`."""
     cfg, say = run.cfg, run.say
-    latest = ckpt.latest_checkpoint(run.checkpoints) if resume else None
+    latest = ckpt.find_resume_checkpoint(run.checkpoints) if resume else None
     if latest is not None:
         state = ckpt.load_checkpoint(latest, run.model, run.optimizer)
         run.loader.load_state_dict(state["loader"])

@@ -1,56 +1,35 @@
 """Periodic and final checkpoints, with everything a bit-exact resume needs.
 
 A checkpoint is never written while an incident is open (the last step was skipped by a guard),
-and never with non-finite weights: the state it records must be one worth returning to.
+and never with non-finite weights or optimizer state (`save_checkpoint` refuses; the run stops
+and keeps its last good checkpoint): the state a checkpoint records must be worth returning to.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from crucible.train import checkpoint as ckpt
 from crucible.train.callbacks.base import Callback
-from crucible.train.distributed import all_reduce_sum
 from crucible.train.errors import Diverged
 from crucible.train.state import Run, StepResult
 
 
-def nonfinite_tensor(run: Run) -> str | None:
-    """Name of the first parameter or optimizer-state tensor that is not finite, if any.
-
-    Each rank checks its own shards (FSDP2 DTensors are checked locally); the verdict is summed
-    over ranks so that every rank refuses the same save.
-    """
-    names, flags = [], []
-
-    def check(name: str, t: torch.Tensor) -> None:
-        local = t.to_local() if hasattr(t, "to_local") else t
-        names.append(name)
-        flags.append(~torch.isfinite(local.detach()).all())
-
-    for name, p in run.model.named_parameters():
-        check(name, p)
-    for i, group in enumerate(run.optimizer.param_groups):
-        for j, p in enumerate(group["params"]):
-            for k, v in run.optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor) and v.is_floating_point():
-                    check(f"optimizer group {i} param {j} {k}", v)
-    if not flags:
-        return None
-    bad = all_reduce_sum(torch.stack(flags).double().tolist(), run.device)
-    return next((n for n, b in zip(names, bad) if b), None)
-
-
 class CheckpointCallback(Callback):
-    def save(self, run: Run, step: int) -> Path:
-        bad = nonfinite_tensor(run)
-        if bad is not None:
-            raise ckpt.NonFiniteCheckpointError(
-                f"refusing to save checkpoint step {step}: {bad} is not finite"
-            )
-        path = ckpt.save_checkpoint(
+    def save(self, run: Run, step: int) -> Path | None:
+        try:
+            path = self._save(run, step)
+        except ckpt.NonFiniteCheckpointError as e:
+            # The update that did this looked finite; the guards cannot undo it, so the run
+            # stops here and --resume continues from the last good checkpoint.
+            run.log("incident", step, kind="nonfinite_state", action="stop", detail=str(e))
+            run.stop = Diverged(f"{e}; the last good checkpoint is kept")
+            return None
+        run.last_saved = step
+        return path
+
+    def _save(self, run: Run, step: int) -> Path:
+        return ckpt.save_checkpoint(
             run.checkpoints,
             step,
             run.model,
@@ -63,9 +42,10 @@ class CheckpointCallback(Callback):
                 "callbacks": run.callback_states(),
             },
             run.cfg.checkpoint.keep_last,
+            milestone_every=run.cfg.checkpoint.milestone_every,
+            async_save=run.cfg.checkpoint.async_save,
+            warn=lambda message: run.say(f"[yellow]checkpoint:[/] {message}"),
         )
-        run.last_saved = step
-        return path
 
     def on_step_end(self, run: Run, result: StepResult) -> None:
         every, done = run.cfg.checkpoint.every, result.step

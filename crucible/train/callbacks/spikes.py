@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 from crucible.train import checkpoint as ckpt
 from crucible.train.callbacks.base import Callback
+from crucible.train.checkpoint_store import remove_dir
 from crucible.train.distributed import barrier
 from crucible.train.errors import Diverged
 from crucible.train.state import Run, StepResult
@@ -216,9 +216,9 @@ class SpikeGuard(Callback):
         run.last_saved = target
         if run.info.is_main:
             # Checkpoints after the target belong to the abandoned timeline.
-            for s, p in ckpt.list_checkpoints(run.checkpoints):
+            for s, p in ckpt.list_checkpoints(run.checkpoints, verify="none"):
                 if s > target:
-                    shutil.rmtree(p, ignore_errors=True)
+                    remove_dir(p)
             if record:
                 self.decisions.append(
                     {"at_step": result.step, "to_step": target, "skip_batches": skip}
