@@ -8,11 +8,12 @@ refused with a clear message rather than ignored.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from crucible.serve.engine import ChatEvent
 
@@ -112,16 +113,25 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
-def validation_error(errors: list[dict[str, Any]]) -> ApiError:
-    """FastAPI's RequestValidationError list -> one 400 naming the first bad field."""
+def validation_error(errors: list[Any]) -> ApiError:
+    """A pydantic / FastAPI validation error list -> one 400 naming the first bad field."""
     first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
-        detail = (first.get("ctx") or {}).get("error", "")
-        return ApiError(400, f"the request body is not valid JSON ({detail})".replace(" ()", ""))
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
-    msg = str(first.get("msg", "invalid request"))
+    msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     return ApiError(400, f"{param or 'request body'}: {msg}", param=param)
+
+
+def parse_request(raw: bytes) -> ChatCompletionRequest:
+    """The JSON body (whatever the Content-Type says, as curl users expect), validated."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
 
 
 def new_id() -> str:

@@ -25,10 +25,10 @@ from starlette.exceptions import HTTPException
 
 from crucible.serve.api import (
     ApiError,
-    ChatCompletionRequest,
     chunk_body,
     completion_body,
     new_id,
+    parse_request,
     usage_chunk_body,
     validation_error,
 )
@@ -85,7 +85,7 @@ def create_app(engine: ChatEngine, model_name: str, thinking_default: bool = Tru
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
         if model_id != model_name:
             raise _unknown_model(model_id)
@@ -130,7 +130,8 @@ def create_app(engine: ChatEngine, model_name: str, thinking_default: bool = Tru
             cancel.set()  # a no-op when finished; stops the generation when the client left
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    async def chat_completions(request: Request) -> Any:
+        body = parse_request(await request.body())
         if body.model != model_name:
             raise _unknown_model(body.model)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
