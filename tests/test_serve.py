@@ -194,6 +194,8 @@ def _body(**fields) -> bytes:
 BAD = [
     ("malformed json", b'{"model": "tiny-chat", "messages": [', 400, None, None),
     ("not an object", b"[1, 2]", 400, None, None),
+    ("nested too deeply", b"[" * 100_000, 400, None, None),
+    ("seed out of range", _body(seed=2**70), 400, "seed", None),
     ("empty body", b"", 400, None, None),
     ("unknown model", _body(model="gpt-9"), 404, "model", "model_not_found"),
     ("no messages", _body(messages=[]), 400, "messages", None),
@@ -235,6 +237,8 @@ def test_bad_input_also_through_the_client_and_server_survives(client, server) -
     status, _ = _request(server, "POST", "/v1/chat/completions", _body(), ctype="text/plain")
     assert status in (200, 400)  # never a 500
     assert _request(server, "POST", "/v1/chat/completions", _body())[0] == 200
+    lone_surrogate = _body(messages=[{"role": "user", "content": "\ud800 hi"}])
+    assert _request(server, "POST", "/v1/chat/completions", lone_surrogate)[0] == 200
 
 
 def test_web_page_is_served(server: str) -> None:

@@ -87,7 +87,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # an extension (vLLM has it too); 0 = off
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch's generator accepts
     n: int | None = Field(None, ge=1, le=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -126,8 +126,10 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
     """The JSON body (whatever the Content-Type says, as curl users expect), validated."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to parse") from None
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:

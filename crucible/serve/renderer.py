@@ -102,6 +102,8 @@ class ChatMLRenderer:
         self._text_tok.encode_special_tokens = True
 
     def _encode(self, text: str) -> list[int]:
+        # Lone surrogates (JSON "\ud800", undecodable terminal bytes) are not UTF-8: replace them.
+        text = text.encode("utf-8", "replace").decode("utf-8")
         return self._text_tok.encode(text).ids if text else []
 
     def render(self, messages: Sequence[Mapping[str, Any]], enable_thinking: bool) -> list[int]:

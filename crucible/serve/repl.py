@@ -62,6 +62,9 @@ def run_repl(
     out = out or sys.stdout
     session = ChatSession(engine, system, thinking)
     interactive = stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and arrow-key history for input())
 
     def say(text: str = "", end: str = "\n") -> None:
         out.write(text + end)
