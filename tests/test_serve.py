@@ -140,7 +140,8 @@ def test_eight_concurrent_requests_match_their_solo_answers(client, engine: Chat
     assert engine.stats.requests == before + 8
 
 
-def test_client_disconnect_stops_generation(server: str, engine: ChatEngine) -> None:
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "non-streaming"])
+def test_client_disconnect_stops_generation(server: str, engine: ChatEngine, stream: bool) -> None:
     # A slowed-down model (5 ms per token) so the reply would take seconds to finish.
     hook = engine.model.register_forward_hook(lambda *_: time.sleep(0.005))
     try:
@@ -151,7 +152,7 @@ def test_client_disconnect_stops_generation(server: str, engine: ChatEngine) -> 
             "messages": [{"role": "user", "content": "talk"}],
             "max_tokens": budget,
             "temperature": 0,
-            "stream": True,
+            "stream": stream,
         }
         url = urlparse(server)
         sock = socket.create_connection((url.hostname, url.port), timeout=10)
@@ -161,12 +162,13 @@ def test_client_disconnect_stops_generation(server: str, engine: ChatEngine) -> 
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
             % (len(payload), payload)
         )
-        assert b"200 OK" in sock.recv(4096)
+        if stream:
+            assert b"200 OK" in sock.recv(4096)
         deadline = time.monotonic() + 10
         while engine.stats.tokens_generated < before_tokens + 20:
             assert time.monotonic() < deadline, "generation did not start"
             time.sleep(0.01)
-        sock.close()  # the client leaves mid-stream
+        sock.close()  # the client leaves mid-reply
         while engine.stats.cancelled == before_cancelled:
             assert time.monotonic() < deadline, "the generation was not cancelled"
             time.sleep(0.01)

@@ -32,7 +32,7 @@ from crucible.serve.api import (
     usage_chunk_body,
     validation_error,
 )
-from crucible.serve.engine import ChatEngine, ChatEvent, PromptTooLong, Sampling
+from crucible.serve.engine import ChatEngine, ChatEvent, Prepared, PromptTooLong, Sampling
 
 _END = object()
 
@@ -100,7 +100,7 @@ def create_app(engine: ChatEngine, model_name: str, thinking_default: bool = Tru
         )
 
     async def events(
-        prepared: Any, sampling: Sampling, cancel: threading.Event
+        prepared: Prepared, sampling: Sampling, cancel: threading.Event
     ) -> AsyncIterator[ChatEvent]:
         """Run the generation in the worker thread; hand its events to the event loop."""
         loop = asyncio.get_running_loop()
