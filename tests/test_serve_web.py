@@ -166,6 +166,7 @@ def test_page_streams_reply_shows_reasoning_collapsed_and_toggles_think(browser,
     # The page keeps the history: the second request carried the first exchange.
     assert [m["role"] for m in scripted.seen[-1]] == ["user", "assistant", "user"]
     assert scripted.seen[-1][1]["content"] == "".join(ANSWER)
+    assert "reasoning_content" not in scripted.seen[-1][1]  # shown, not sent back
 
 
 def test_page_chats_with_the_real_model(browser, engine: ChatEngine) -> None:

@@ -135,5 +135,9 @@ class ChatMLRenderer:
 
 
 def renderer_for_run(run_dir: Path, tokenizer: Tokenizer) -> ChatRenderer:
-    """The chat format of a run directory: the one place that chooses a renderer."""
+    """The chat format of a run directory: the one place that chooses a renderer.
+
+    A run that ships its own chat template (e.g. ``chat_template.jinja`` beside its tokenizer)
+    should get a renderer built on that template here; everything else keeps working unchanged.
+    """
     return ChatMLRenderer(tokenizer)

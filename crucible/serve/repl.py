@@ -124,7 +124,7 @@ def _reply(
     session: ChatSession, prepared: Prepared, sampling: Sampling, say: Callable[..., None]
 ) -> None:
     cancel = threading.Event()
-    reasoning, content, section = "", "", ""
+    content, section = "", ""
     say("bot> ", end="")
     try:
         with contextlib.closing(session.engine.stream(prepared, sampling, cancel)) as events:
@@ -133,7 +133,6 @@ def _reply(
                     if section != "reasoning":
                         say("[reasoning] ", end="")
                         section = "reasoning"
-                    reasoning += event.reasoning
                     say(event.reasoning, end="")
                 if event.content:
                     if section == "reasoning":
@@ -149,7 +148,5 @@ def _reply(
         session.history.pop()  # an interrupted turn is not part of the conversation
         return
     say()
-    turn: dict[str, Any] = {"role": "assistant", "content": content}
-    if reasoning:
-        turn["reasoning_content"] = reasoning
-    session.history.append(turn)
+    # The reasoning was shown; it is not sent back (templates drop earlier turns' reasoning).
+    session.history.append({"role": "assistant", "content": content})
