@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install quickstart test lint format bench clean
+.PHONY: install quickstart test browser lint format bench clean
 
 install: $(STAMP)
 
@@ -26,10 +26,22 @@ $(STAMP): pyproject.toml requirements.lock
 quickstart: $(STAMP)
 	$(VENV)/bin/crucible quickstart
 
-test: $(STAMP)
+# The chat page's browser test (tests/test_serve_web.py) drives a headless Chromium. As root on a
+# machine with apt-get (CI), install it when absent (~20 s) and make the test required there.
+BROWSER_INSTALL := $(shell [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && echo yes)
+
+browser:
+ifeq ($(BROWSER_INSTALL),yes)
+	@[ -x /usr/bin/chromium ] && [ -e /usr/bin/chromedriver ] || { \
+	  echo "installing chromium + chromium-driver for the browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    chromium chromium-driver >/dev/null; }
+endif
+
+test: $(STAMP) browser
 	$(PY) -m ruff check crucible tests bench
 	$(PY) -m ruff format --check crucible tests bench
-	$(PY) -m pytest
+	$(if $(BROWSER_INSTALL),CRUCIBLE_REQUIRE_BROWSER=1) $(PY) -m pytest
 
 lint: $(STAMP)
 	$(PY) -m ruff check crucible tests bench

@@ -1,7 +1,7 @@
 """The decoder-only transformer, its Hugging Face import/export, and sampling."""
 
 from crucible.model.attention import KVCache
-from crucible.model.generate import generate, generate_text
+from crucible.model.generate import generate, generate_stream, generate_text
 from crucible.model.hf import export_hf, load_hf, model_config_from_hf, to_hf_config
 from crucible.model.transformer import ModelOutput, Transformer
 
@@ -11,6 +11,7 @@ __all__ = [
     "Transformer",
     "export_hf",
     "generate",
+    "generate_stream",
     "generate_text",
     "load_hf",
     "model_config_from_hf",

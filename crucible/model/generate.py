@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
@@ -34,21 +37,28 @@ def _sample(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class CancelFlag(Protocol):
+    """Anything with `is_set()`, e.g. a `threading.Event` set by another thread."""
+
+    def is_set(self) -> bool: ...
+
+
 @torch.no_grad()
-def generate(
+def generate_stream(
     model: Transformer,
     prompt_ids: list[int] | Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | list[int] | None = None,
+    eos_token_id: int | Iterable[int] | None = None,
     generator: torch.Generator | None = None,
-) -> list[int]:
-    """Continue one prompt; return only the new tokens.
+    cancel: CancelFlag | None = None,
+) -> Iterator[int]:
+    """Yield new tokens one at a time (see `generate`); stops early once `cancel` is set.
 
-    temperature 0 is greedy decoding. Generation stops after max_new_tokens, after an eos token
-    (which is included in the result), or when the sequence reaches the model's max_seq_len.
+    The flag is checked before every forward pass, so a cancelled generation costs at most the
+    one token in flight.
     """
     prompt = prompt_ids.flatten().tolist() if isinstance(prompt_ids, Tensor) else list(prompt_ids)
     if not prompt:
@@ -58,21 +68,44 @@ def generate(
         raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len {max_len}")
     budget = min(max_new_tokens, max_len - len(prompt))
     if budget <= 0:
-        return []
+        return
     stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
     device = model.embed.weight.device
 
     cache = model.new_cache(batch_size=1, max_len=len(prompt) + budget)
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    out: list[int] = []
-    while True:
+    for n in range(1, budget + 1):
+        if cancel is not None and cancel.is_set():
+            return
         logits = model(ids, cache=cache, logits_to_keep=1).logits
         token = _sample(logits[0, -1], temperature, top_k, top_p, generator)
-        out.append(token)
+        yield token
         # The last token needs no forward pass of its own: nothing would read its logits.
-        if token in stop or len(out) == budget:
-            return out
+        if token in stop or n == budget:
+            return
         ids = torch.tensor([[token]], dtype=torch.long, device=device)
+
+
+def generate(
+    model: Transformer,
+    prompt_ids: list[int] | Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Iterable[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Continue one prompt; return only the new tokens.
+
+    temperature 0 is greedy decoding. Generation stops after max_new_tokens, after an eos token
+    (which is included in the result), or when the sequence reaches the model's max_seq_len.
+    """
+    return list(
+        generate_stream(
+            model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator
+        )
+    )
 
 
 def generate_text(
