@@ -1,0 +1,1 @@
+"""Post-training: conversations, the chat template, SFT data and losses."""
