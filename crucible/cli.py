@@ -74,7 +74,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     model, _, ckpt = load_run_model(run_dir, args.checkpoint)
     out = Path(args.out) if args.out else run_dir / "hf"
     tok = run_dir / "tokenizer.json"
-    export_hf(model, out, tokenizer_path=str(tok) if tok.exists() else None)
+    chat = run_dir / "chat_template.jinja"  # chat models (SFT runs) ship their template
+    export_hf(
+        model,
+        out,
+        tokenizer_path=str(tok) if tok.exists() else None,
+        chat_template=chat.read_text(encoding="utf-8") if chat.is_file() and tok.exists() else None,
+    )
     print(f"exported {ckpt} -> {out} (load with AutoModelForCausalLM.from_pretrained)")
     return 0
 
