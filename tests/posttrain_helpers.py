@@ -81,7 +81,11 @@ RECORDS: list[dict[str, Any]] = [
     {
         "messages": [
             {"role": "user", "content": "What is 81 - 17?"},
-            {"role": "assistant", "content": "Let me run it.", "tool_calls": [call("p1", "81 - 17")]},
+            {
+                "role": "assistant",
+                "content": "Let me run it.",
+                "tool_calls": [call("p1", "81 - 17")],
+            },
             {"role": "tool", "tool_call_id": "p1", "content": "64"},
             {"role": "assistant", "content": "64"},
         ],

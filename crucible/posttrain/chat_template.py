@@ -144,7 +144,9 @@ class ChatTemplate:
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateSyntaxError as e:
-            raise ConfigError(f"{origin} line {e.lineno}: template syntax error: {e.message}") from None
+            raise ConfigError(
+                f"{origin} line {e.lineno}: template syntax error: {e.message}"
+            ) from None
         self.has_generation = any(
             isinstance(node.call.node, jinja2.nodes.ExtensionAttribute)
             and node.call.node.name == "_record"
@@ -155,7 +157,9 @@ class ChatTemplate:
     def default(cls) -> ChatTemplate:
         """The shipped hybrid template (crucible/posttrain/templates/chat_template.jinja)."""
         text = resources.files("crucible.posttrain").joinpath("templates", TEMPLATE_FILE)
-        return cls(text.read_text(encoding="utf-8"), f"crucible/posttrain/templates/{TEMPLATE_FILE}")
+        return cls(
+            text.read_text(encoding="utf-8"), f"crucible/posttrain/templates/{TEMPLATE_FILE}"
+        )
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> ChatTemplate:
@@ -203,7 +207,9 @@ class ChatTemplate:
             line = _template_line(sys.exc_info()[2])
             at = f" line {line}" if line is not None else ""
             name = record or "<conversation>"
-            raise TemplateRenderError(f"{name}: {self.origin}{at}: {type(e).__name__}: {e}") from None
+            raise TemplateRenderError(
+                f"{name}: {self.origin}{at}: {type(e).__name__}: {e}"
+            ) from None
         finally:
             _tracking.reset(token)
         return Rendered("".join(pieces), spans)
@@ -247,7 +253,7 @@ class ChatEncoder:
         try:
             enc = self.encode(conv, today_date="1 January 2000")
         except TemplateRenderError as e:
-            raise ConfigError(f"{self.template.origin}: cannot render a probe conversation: {e}")
+            raise ConfigError(f"cannot render a probe conversation: {e}") from None
         masked = [i for i, m in zip(enc.ids, enc.mask, strict=True) if m]
         while masked and not self.tokenizer.decode([masked[-1]], skip_special_tokens=False).strip():
             masked.pop()  # trailing whitespace after the end-of-turn token is harmless
@@ -294,7 +300,11 @@ class ChatEncoder:
         texts = [
             t
             for m in conversation.messages
-            for t in (m.content, m.reasoning or "", *(json.dumps(c.arguments) for c in m.tool_calls))
+            for t in (
+                m.content,
+                m.reasoning or "",
+                *(json.dumps(c.arguments) for c in m.tool_calls),
+            )
         ]
         for tok in self.special_tokens:
             if any(tok in t for t in texts):

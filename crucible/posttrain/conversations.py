@@ -52,7 +52,10 @@ class ToolCall:
     def to_record(self) -> dict[str, Any]:
         """OpenAI shape: arguments as a JSON string."""
         d = self.to_template()
-        d["function"] = {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)}
+        d["function"] = {
+            "name": self.name,
+            "arguments": json.dumps(self.arguments, ensure_ascii=False),
+        }
         return d
 
 
@@ -70,7 +73,9 @@ class Message:
         if self.reasoning is not None:
             d["reasoning_content"] = self.reasoning
         if self.tool_calls:
-            d["tool_calls"] = [c.to_record() if record else c.to_template() for c in self.tool_calls]
+            d["tool_calls"] = [
+                c.to_record() if record else c.to_template() for c in self.tool_calls
+            ]
         if self.tool_call_id is not None:
             d["tool_call_id"] = self.tool_call_id
         return d
@@ -138,7 +143,8 @@ def _text(value: Any, where: str) -> str:
             else:
                 kind = p.get("type") if isinstance(p, dict) else type(p).__name__
                 raise RecordError(
-                    "unsupported content", f"{where} has a content part of type {kind!r} (text only)"
+                    "unsupported content",
+                    f"{where} has a content part of type {kind!r} (text only)",
                 )
         return "".join(parts)
     raise RecordError(
@@ -220,7 +226,9 @@ def _check_structure(messages: list[Message]) -> None:
     while i < len(messages):
         a, m = i, messages[i]
         if m.role == "tool":
-            raise RecordError("tool result without call", f"message {i}: tool result without a call")
+            raise RecordError(
+                "tool result without call", f"message {i}: tool result without a call"
+            )
         i += 1
         if m.role != "assistant" or not m.tool_calls:
             continue
@@ -238,7 +246,9 @@ def _check_structure(messages: list[Message]) -> None:
             elif pending:
                 pending.pop(0)
             else:
-                raise RecordError("tool result without call", f"message {i}: more results than calls")
+                raise RecordError(
+                    "tool result without call", f"message {i}: more results than calls"
+                )
             i += 1
         if pending:
             raise RecordError(
