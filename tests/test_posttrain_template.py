@@ -205,3 +205,17 @@ def test_the_template_ships_with_the_hf_export(tmp_path: Path, tok_path: Path, e
     conv = parse_records(records()).conversations[3]
     assert _hf(loaded, conv)["input_ids"] == encoder.encode(conv).ids
     assert write_chat_template(tmp_path / "run").read_text() == ChatTemplate.default().source
+    # A template written for transformers may use the tokenizer's special tokens.
+    plain = (
+        "{{ eos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n{% endfor %}"
+    )
+    ours = ChatEncoder(ChatTemplate(plain), encoder.tokenizer).encode(conv)
+    assert ours.text.startswith("<|endoftext|><|im_start|>user")
+    ref = loaded.apply_chat_template(
+        conv.template_messages(),
+        chat_template=plain,
+        return_assistant_tokens_mask=True,
+        return_dict=True,
+    )
+    assert (ours.ids, ours.mask) == (ref["input_ids"], ref["assistant_masks"])

@@ -31,6 +31,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from crucible.config import ConfigError
+from crucible.model.hf import _special_tokens
 from crucible.posttrain.conversations import Conversation, Message
 
 END_OF_TURN = "<|im_end|>"
@@ -241,6 +242,9 @@ class ChatEncoder:
         self.special_tokens = sorted(
             t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special
         )
+        # bos_token, eos_token, ...: what an HF export of this tokenizer declares (templates
+        # written for transformers may use them).
+        self.token_variables = _special_tokens(tokenizer.get_vocab(with_added_tokens=True))
         self._check_end_of_turn_trained()
 
     def _check_end_of_turn_trained(self) -> None:
@@ -278,20 +282,19 @@ class ChatEncoder:
         **kwargs: Any,
     ) -> Encoded:
         """Token ids and assistant mask of a conversation (or of `messages` in its context)."""
-        if messages is not None:
-            variables = {"tools": list(conversation.tools or []) or None}
-            variables.update(conversation.template_kwargs)
-            variables.update(kwargs)
-            r = self.template.render(
-                messages,
-                add_generation_prompt=add_generation_prompt,
-                record=conversation.name,
-                **variables,
-            )
-        else:
-            r = self.template.render(
-                conversation, add_generation_prompt=add_generation_prompt, **kwargs
-            )
+        # Like transformers: the tokenizer's special tokens, then the record's kwargs, then ours.
+        variables = {
+            **self.token_variables,
+            "tools": list(conversation.tools or []) or None,
+            **conversation.template_kwargs,
+            **kwargs,
+        }
+        r = self.template.render(
+            conversation.template_messages() if messages is None else messages,
+            add_generation_prompt=add_generation_prompt,
+            record=conversation.name,
+            **variables,
+        )
         enc = self.tokenizer.encode(r.text, add_special_tokens=False)
         return Encoded(list(enc.ids), mask_from_spans(enc.offsets, r.spans), r.text)
 

@@ -49,6 +49,58 @@ def _cmd_chat_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _highlight(text: str, spans: list[tuple[int, int]]) -> str:
+    """The rendered text with the supervised spans between [[ and ]]."""
+    out, pos = [], 0
+    for a, b in spans:
+        out += [text[pos:a], "[[", text[a:b], "]]"]
+        pos = b
+    return "".join([*out, text[pos:]])
+
+
+def _cmd_chat_inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from crucible.posttrain.chat_template import ChatEncoder, ChatTemplate
+    from crucible.posttrain.conversations import read_conversations
+    from crucible.posttrain.sft_data import SFTLoader, tokenize_conversations
+    from crucible.tokenizer.train import load_tokenizer
+
+    template = ChatTemplate.from_file(args.template) if args.template else ChatTemplate.default()
+    encoder = ChatEncoder(template, load_tokenizer(args.tokenizer))
+    read = read_conversations(args.data, split=args.split)
+    print(read.summary())
+    if not read.conversations:
+        raise ConfigError(f"{args.data}: no usable conversations")
+    for k in args.show or []:
+        if not 0 <= k < len(read.conversations):
+            raise ConfigError(f"--show {k}: there are {len(read.conversations)} conversations")
+        conv = read.conversations[k]
+        r = template.render(conv, **encoder.token_variables)
+        print(f"--- {conv.name} (supervised text in [[ ]])\n{_highlight(r.text, r.spans)}")
+    max_tokens = args.seq_len + 1 if args.seq_len else None
+    examples, stats = tokenize_conversations(
+        read.conversations, encoder, loss=args.loss, max_tokens=max_tokens,
+        truncation=args.truncation,
+    )  # fmt: skip
+    print(stats.summary())
+    if not examples:
+        return 0
+    lengths = np.array([len(e.ids) for e in examples])
+    p50, p95 = np.percentile(lengths, [50, 95])
+    print(f"tokens per conversation: median {p50:.0f}, p95 {p95:.0f}, max {lengths.max()}")
+    if args.seq_len:
+        for packing in (True, False):
+            loader = SFTLoader(examples, args.seq_len, 1, 1, pad_id=0, packing=packing)
+            st = loader.stats()
+            print(
+                f"{'packed' if packing else 'padded'} rows of {args.seq_len}: {st['rows']} rows, "
+                f"{st['fill']:.1%} of positions are tokens, {st['supervised_share']:.1%} of "
+                "tokens supervised"
+            )
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "chat-data",
@@ -71,3 +123,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "arithmetic=2,tool_call (default: all five tasks in the built-in mixture)",
     )
     p.set_defaults(func=_cmd_chat_data)
+
+    p = sub.add_parser(
+        "chat-inspect",
+        help="validate, render and measure chat data with a tokenizer and the chat template",
+        description="Read conversations (JSONL in the `messages` format, a Parquet/Arrow/JSON "
+        "file or a `save_to_disk` directory), report broken records by name and reason, "
+        "tokenize them with the chat template and report tokens, supervised share and lengths; "
+        "with --seq-len also truncation and packed/padded rows. --show N prints conversation N "
+        "as rendered, with the supervised text between [[ and ]].",
+    )
+    p.add_argument("data", help="conversations file or dataset directory")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json (or its directory)")
+    p.add_argument("--template", default=None, help="a Jinja chat template (default: built-in)")
+    p.add_argument("--split", default="train", help="split of a dataset directory")
+    p.add_argument("--loss", choices=["assistant", "completion"], default="assistant")
+    p.add_argument("--seq-len", type=int, default=None, help="row length to truncate and pack to")
+    p.add_argument("--truncation", choices=["drop", "keep_start", "error"], default="drop")
+    p.add_argument("--show", type=int, action="append", help="print conversation N (repeatable)")
+    p.set_defaults(func=_cmd_chat_inspect)

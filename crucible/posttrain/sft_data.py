@@ -324,9 +324,10 @@ class SFTLoader(StepIterator):
         return self.n_rows / self.global_batch_size
 
     def stats(self) -> dict[str, Any]:
-        """Rows, fill and supervised share of the whole data as laid out in rows."""
+        """Rows, supervised share, and fill: the share of the rows' seq_len positions that hold
+        tokens (padded rows are counted at seq_len, though micro-batches pad to their longest)."""
         tokens = sum(len(self.examples[i].ids) - 1 for r in self.rows for i in r)
-        width = self.seq_len if self.packing else max(len(e.ids) - 1 for e in self.examples)
+        width = self.seq_len
         sup = int(self._row_supervised.sum())
         return {
             "examples": len(self.examples),

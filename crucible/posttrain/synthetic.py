@@ -51,10 +51,10 @@ CALCULATOR: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "calculator",
-        "description": "Evaluate an arithmetic expression with + - * and parentheses.",
+        "description": "Evaluate integer arithmetic: + - * and parentheses.",
         "parameters": {
             "type": "object",
-            "properties": {"expression": {"type": "string", "description": "e.g. 347 * 29"}},
+            "properties": {"expression": {"type": "string"}},
             "required": ["expression"],
         },
     },
