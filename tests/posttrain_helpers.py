@@ -101,12 +101,16 @@ RECORDS: list[dict[str, Any]] = [
     },
     {
         "messages": [
-            {"role": "user", "content": "Say hi."},
-            {"role": "assistant", "content": "Hi!", "reasoning_content": "Greet back."},
+            {"role": "user", "content": "Say hi to Zoë in 日本語."},
+            {
+                "role": "assistant",
+                "content": "こんにちは、Zoë! 👋",
+                "reasoning_content": "Greet back.",
+            },
         ],
         "chat_template_kwargs": {
             **DAY,
-            "custom_instructions": "Always be cheerful.",
+            "custom_instructions": "Always be cheerful. Toujours gai, même à Noël ☃.",
             "knowledge_cutoff": "October 2025",
         },
     },

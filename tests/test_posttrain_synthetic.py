@@ -121,3 +121,24 @@ def test_chat_data_command_writes_both_splits(tmp_path: Path, capsys) -> None:
         main(["chat-data", str(tmp_path), "--tasks", "poetry"])
     assert e.value.code == 2
     assert "unknown task 'poetry'" in capsys.readouterr().err
+
+
+def test_chat_inspect_reports_broken_records_tokens_and_rows(tmp_path: Path, capsys) -> None:
+    from posttrain_helpers import train_small_tokenizer
+
+    from crucible.cli import main
+    from crucible.posttrain.conversations import write_jsonl
+
+    tok = train_small_tokenizer(tmp_path / "tok")
+    data = tmp_path / "chat.jsonl"
+    write_jsonl(generate("test", 12, seed=0), data)
+    with data.open("a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        main(["chat-inspect", str(data), "--tokenizer", str(tok), "--seq-len", "1024",
+              "--show", "0"])  # fmt: skip
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "12 of 13 records used" in out and "chat.jsonl:13: no assistant message" in out
+    assert "--- chat.jsonl:1 (supervised text in [[ ]])" in out and "<|im_end|>]]" in out
+    assert "12 of 12 conversations tokenized" in out and "packed rows of 1024" in out

@@ -182,7 +182,7 @@ def test_a_template_that_does_not_train_the_end_of_turn_token_is_rejected(encode
 def test_mask_from_spans_marks_every_overlapping_token() -> None:
     offsets = [(0, 2), (2, 5), (5, 6), (6, 9), (9, 9), (9, 12)]
     assert mask_from_spans(offsets, [(3, 6)]) == [0, 1, 1, 0, 0, 0]
-    assert mask_from_spans(offsets, [(0, 1), (8, 10)]) == [1, 0, 0, 1, 0, 1]
+    assert mask_from_spans(offsets, [(0, 1), (8, 10)]) == [1, 0, 0, 1, 1, 1]
     assert mask_from_spans(offsets, []) == [0] * 6
 
 

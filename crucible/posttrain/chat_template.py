@@ -309,6 +309,7 @@ class ChatEncoder:
                 *(json.dumps(c.arguments) for c in m.tool_calls),
             )
         ]
+        texts.append(json.dumps([conversation.tools, conversation.template_kwargs], default=str))
         for tok in self.special_tokens:
             if any(tok in t for t in texts):
                 return tok
@@ -316,7 +317,7 @@ class ChatEncoder:
 
 
 def mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """1 for each token whose character range [start, end) overlaps one of the sorted spans."""
+    """1 for each token that ends after a (sorted) span starts and starts before it ends."""
     mask = [0] * len(offsets)
     k = 0
     for i, (start, end) in enumerate(offsets):
@@ -324,7 +325,7 @@ def mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
             k += 1
         if k == len(spans):
             break
-        if end > spans[k][0] and end > start:
+        if end > spans[k][0]:
             mask[i] = 1
     return mask
 
