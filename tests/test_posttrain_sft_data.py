@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -278,3 +279,14 @@ def test_unfit_examples_and_bad_options_are_config_errors(setup) -> None:
         tokenize_conversations(convs, encoder, loss="all")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="truncation must be"):
         tokenize_conversations(convs, encoder, truncation="cut")  # type: ignore[arg-type]
+
+
+def test_template_defaults_pin_the_date_under_the_records_own(setup) -> None:
+    _, _, encoder, convs, _ = setup
+    undated = [replace(c, template_kwargs={}) for c in convs[:2]]
+    pinned = {"today_date": "01 January 2030"}
+    a, _ = tokenize_conversations(undated, encoder, template_kwargs=pinned)
+    b, _ = tokenize_conversations([replace(c, template_kwargs=pinned) for c in convs[:2]], encoder)
+    assert [e.ids.tolist() for e in a] == [e.ids.tolist() for e in b]
+    dated, _ = tokenize_conversations(convs[:1], encoder, template_kwargs=pinned)
+    assert "02 March 2026" in encoder.tokenizer.decode(dated[0].ids.tolist())

@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -121,20 +121,27 @@ def tokenize_conversations(
     loss: LossMode = "assistant",
     max_tokens: int | None = None,
     truncation: Truncation = "drop",
+    template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[Example], SFTStats]:
     """Tokenize and label conversations; problems are named and counted in the stats.
 
     A conversation is left out (and listed in ``stats.issues``) when its text contains a special
     token of the tokenizer, the template raises, it has no supervised token, or it is longer
     than `max_tokens` with truncation "drop". With "error" that is a ConfigError instead.
+    `template_kwargs` are defaults under each record's own chat_template_kwargs. Give
+    ``today_date`` there (e.g. the run's start date): records without one otherwise render
+    today's date, and a run resumed on another day would see different tokens.
     """
     if loss not in ("assistant", "completion"):
         raise ConfigError(f"loss must be 'assistant' or 'completion', got {loss!r}")
     if truncation not in ("drop", "keep_start", "error"):
         raise ConfigError(f"truncation must be 'drop', 'keep_start' or 'error', got {truncation!r}")
     stats, out = SFTStats(), []
+    defaults = template_kwargs or {}
     for conv in conversations:
         stats.records += 1
+        if defaults:
+            conv = replace(conv, template_kwargs={**defaults, **conv.template_kwargs})
         special = encoder.contains_special(conv)
         if special is not None:
             stats.issues.append(
