@@ -148,11 +148,6 @@ class ChatTemplate:
             raise ConfigError(
                 f"{origin} line {e.lineno}: template syntax error: {e.message}"
             ) from None
-        self.has_generation = any(
-            isinstance(node.call.node, jinja2.nodes.ExtensionAttribute)
-            and node.call.node.name == "_record"
-            for node in _environment().parse(source).find_all(jinja2.nodes.CallBlock)
-        )
 
     @classmethod
     def default(cls) -> ChatTemplate:

@@ -42,8 +42,8 @@ STATE_VERSION = 1
 
 @dataclass
 class Example:
-    ids: np.ndarray  # int64 [L]
-    labels: np.ndarray  # int64 [L]: the id where supervised, else -100 (not shifted)
+    ids: np.ndarray  # int32 [L]
+    labels: np.ndarray  # int32 [L]: the id where supervised, else -100 (not shifted)
     record: str
     truncated: bool = False
 
@@ -109,8 +109,8 @@ def tokenize_conversation(
     keep = enc.mask
     if loss == "completion":
         keep = [a & c for a, c in zip(keep, completion_mask(encoder, conv, enc.ids))]
-    ids = np.asarray(enc.ids, dtype=np.int64)
-    labels = np.where(np.asarray(keep, dtype=bool), ids, IGNORE_INDEX)
+    ids = np.asarray(enc.ids, dtype=np.int32)
+    labels = np.where(np.asarray(keep, dtype=bool), ids, IGNORE_INDEX).astype(np.int32)
     return Example(ids, labels, conv.name)
 
 
@@ -251,6 +251,8 @@ def build_rows(
         for d, i in enumerate(row):
             ex = examples[i]
             k = len(ex.ids) - 1
+            if pos + k > width:
+                raise ValueError(f"row {r} needs more than {width} positions")
             tokens[r, pos : pos + k] = ex.ids[:-1]
             targets[r, pos : pos + k] = ex.labels[1:]
             doc_ids[r, pos : pos + k] = d
