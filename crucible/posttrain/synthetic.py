@@ -99,6 +99,33 @@ def _summary(doc: str, name: str) -> str | None:
     return para
 
 
+_TOP_DEF = re.compile(r"^def [A-Za-z]\w*\s*\(", re.MULTILINE)
+
+
+def _top_level_functions(source: str) -> list[ast.FunctionDef]:
+    """The module-level `def`s of a source file, each parsed alone (parsing whole files is
+    several times slower, and classes, the bulk of the code, are not needed)."""
+    lines = source.split("\n")  # not splitlines(): form feeds must not start lines
+    starts = sorted({source.count("\n", 0, m.start()) for m in _TOP_DEF.finditer(source)})
+    out = []
+    for k, start in enumerate(starts):
+        end = start + 1
+        while end < len(lines) and (not lines[end][:1].strip() or lines[end][0] in "#)"):
+            end += 1  # blank, indented, comment or closing-parenthesis lines continue the def
+        # Fallback: up to the next def (a docstring may have unindented lines).
+        nxt = starts[k + 1] if k + 1 < len(starts) else len(lines)
+        for stop in dict.fromkeys((end, nxt)):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    tree = ast.parse("\n".join(lines[start:stop]))
+            except (SyntaxError, ValueError):
+                continue
+            out.append(tree.body[0])
+            break
+    return [n for n in out if isinstance(n, ast.FunctionDef)]
+
+
 @cache
 def stdlib_functions(split: Split) -> tuple[Function, ...]:
     """Public module-level functions with a docstring, from the stdlib files of `split`.
@@ -115,13 +142,11 @@ def stdlib_functions(split: Split) -> tuple[Function, ...]:
         if any(p.startswith("_") for p in module.split(".")):
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                tree = ast.parse((root / rel).read_text(encoding="utf-8"))
-        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            source = (root / rel).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
             continue
-        for node in tree.body:
-            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+        for node in _top_level_functions(source):
+            if node.name.startswith("_"):
                 continue
             summary = _summary(ast.get_docstring(node) or "", node.name)
             if summary is None:
