@@ -290,3 +290,22 @@ def test_template_defaults_pin_the_date_under_the_records_own(setup) -> None:
     assert [e.ids.tolist() for e in a] == [e.ids.tolist() for e in b]
     dated, _ = tokenize_conversations(convs[:1], encoder, template_kwargs=pinned)
     assert "02 March 2026" in encoder.tokenizer.decode(dated[0].ids.tolist())
+
+
+def test_load_sft_data_reads_tokenizes_and_reports(setup, tmp_path) -> None:
+    from crucible.posttrain.conversations import write_jsonl
+    from crucible.posttrain.sft_prepare import load_sft_data
+
+    _, tok_path, encoder, convs, _ = setup
+    write_jsonl(convs, tmp_path / "a.jsonl")
+    with (tmp_path / "a.jsonl").open("a") as f:
+        f.write('{"messages": [{"role": "user", "content": "x"}]}\n')
+    lengths = sorted(len(e.ids) for e in tokenize_conversations(convs, encoder)[0])
+    data = load_sft_data([tmp_path / "a.jsonl"], tok_path, seq_len=lengths[-1] - 2)
+    assert len(data.examples) == len(convs) - 1 and data.stats.too_long == 1
+    summary = data.summary()
+    assert "a.jsonl: 8 of 9 records used" in summary and "1 dropped" in summary
+    assert data.pad_id == encoder.tokenizer.token_to_id("<|pad|>")
+    (tmp_path / "b.jsonl").write_text('{"messages": []}\n')
+    with pytest.raises(ConfigError, match="no usable SFT examples"):
+        load_sft_data([tmp_path / "b.jsonl"], tok_path, seq_len=64)

@@ -61,37 +61,27 @@ def _highlight(text: str, spans: list[tuple[int, int]]) -> str:
 def _cmd_chat_inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from crucible.posttrain.chat_template import ChatEncoder, ChatTemplate
-    from crucible.posttrain.conversations import read_conversations
-    from crucible.posttrain.sft_data import SFTLoader, tokenize_conversations
-    from crucible.tokenizer.train import load_tokenizer
+    from crucible.posttrain.sft_data import SFTLoader
+    from crucible.posttrain.sft_prepare import load_sft_data
 
-    template = ChatTemplate.from_file(args.template) if args.template else ChatTemplate.default()
-    encoder = ChatEncoder(template, load_tokenizer(args.tokenizer))
-    read = read_conversations(args.data, split=args.split)
-    print(read.summary())
-    if not read.conversations:
-        raise ConfigError(f"{args.data}: no usable conversations")
-    for k in args.show or []:
-        if not 0 <= k < len(read.conversations):
-            raise ConfigError(f"--show {k}: there are {len(read.conversations)} conversations")
-        conv = read.conversations[k]
-        r = template.render(conv, **encoder.token_variables)
-        print(f"--- {conv.name} (supervised text in [[ ]])\n{_highlight(r.text, r.spans)}")
-    max_tokens = args.seq_len + 1 if args.seq_len else None
-    examples, stats = tokenize_conversations(
-        read.conversations, encoder, loss=args.loss, max_tokens=max_tokens,
-        truncation=args.truncation,
+    data = load_sft_data(
+        [args.data], args.tokenizer, seq_len=args.seq_len, loss=args.loss,
+        truncation=args.truncation, template=args.template, split=args.split,
     )  # fmt: skip
-    print(stats.summary())
-    if not examples:
-        return 0
-    lengths = np.array([len(e.ids) for e in examples])
+    convs = data.reads[0].conversations
+    for k in args.show or []:
+        if not 0 <= k < len(convs):
+            raise ConfigError(f"--show {k}: there are {len(convs)} conversations")
+        r = data.encoder.template.render(convs[k], **data.encoder.token_variables)
+        print(f"--- {convs[k].name} (supervised text in [[ ]])\n{_highlight(r.text, r.spans)}")
+    print(data.summary())
+    lengths = np.array([len(e.ids) for e in data.examples])
     p50, p95 = np.percentile(lengths, [50, 95])
     print(f"tokens per conversation: median {p50:.0f}, p95 {p95:.0f}, max {lengths.max()}")
     if args.seq_len:
         for packing in (True, False):
-            loader = SFTLoader(examples, args.seq_len, 1, 1, pad_id=0, packing=packing)
+            loader = SFTLoader(data.examples, args.seq_len, 1, 1, pad_id=data.pad_id,
+                               packing=packing)  # fmt: skip
             st = loader.stats()
             print(
                 f"{'packed' if packing else 'padded'} rows of {args.seq_len}: {st['rows']} rows, "
