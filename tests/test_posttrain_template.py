@@ -219,3 +219,26 @@ def test_the_template_ships_with_the_hf_export(tmp_path: Path, tok_path: Path, e
         return_dict=True,
     )
     assert (ours.ids, ours.mask) == (ref["input_ids"], ref["assistant_masks"])
+
+
+def test_replies_parse_back_to_the_rendered_messages(encoder: ChatEncoder) -> None:
+    from crucible.posttrain.replies import parse_reply
+
+    n = 0
+    for conv in parse_records(records()).conversations:
+        r = encoder.template.render(conv)
+        turns = [m for m in conv.messages if m.role == "assistant"]
+        for m, (a, b) in zip(turns, r.spans, strict=True):
+            got = parse_reply(r.text[a:b] + "\nignored after the end of turn")
+            assert (got.content, got.reasoning) == (m.content, m.reasoning)
+            assert [(c.name, c.arguments) for c in got.tool_calls] == [
+                (c.name, c.arguments) for c in m.tool_calls
+            ]
+            n += len(m.tool_calls)
+    assert n == 4  # XML and Python-style calls both parsed
+    # Cut off while thinking; malformed call left as text; arbitrary code.
+    assert parse_reply("<think>\nstill going").reasoning == "still going"
+    bad = parse_reply("<tool_call>{not json}</tool_call>")
+    assert bad.tool_calls == () and "not json" in bad.content
+    code = parse_reply("<code>\nprint(2 + 3)\n</code>").tool_calls[0]
+    assert (code.name, code.arguments) == ("python", {"code": "print(2 + 3)"})
