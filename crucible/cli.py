@@ -81,7 +81,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     model, _, ckpt = load_run_model(run_dir, args.checkpoint)
     out = Path(args.out) if args.out else run_dir / "hf"
     tok = run_dir / "tokenizer.json"
-    export_hf(model, out, tokenizer_path=str(tok) if tok.exists() else None)
+    chat = run_dir / "chat_template.jinja"  # chat models (SFT runs) ship their template
+    export_hf(
+        model,
+        out,
+        tokenizer_path=str(tok) if tok.exists() else None,
+        chat_template=chat.read_text(encoding="utf-8") if chat.is_file() and tok.exists() else None,
+    )
     print(f"exported {ckpt} -> {out} (load with AutoModelForCausalLM.from_pretrained)")
     return 0
 
@@ -239,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     from crucible.infra.commands import register as register_infra
     from crucible.plan.commands import register as register_plan
     from crucible.serve.commands import register as register_serve
+    from crucible.posttrain.commands import register as register_posttrain
 
     register_data(sub)
     register_eval(sub)
@@ -246,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_infra(sub)
     register_ablate(sub)
     register_serve(sub)
+    register_posttrain(sub)
     return parser
 
 

@@ -218,12 +218,19 @@ def _special_tokens(vocab: dict[str, int]) -> dict[str, str]:
 
 
 def _save_tokenizer(
-    tokenizer_file: Path, out_dir: Path, specials: dict[str, str], max_len: int
+    tokenizer_file: Path,
+    out_dir: Path,
+    specials: dict[str, str],
+    max_len: int,
+    chat_template: str | None = None,
 ) -> None:
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_file), model_max_length=max_len, **specials
+        tokenizer_file=str(tokenizer_file),
+        model_max_length=max_len,
+        chat_template=chat_template,  # saved as chat_template.jinja, where transformers reads it
+        **specials,
     )
     tok.save_pretrained(str(out_dir))
 
@@ -239,6 +246,8 @@ def export_hf(
     dtype: torch.dtype | None = None,
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
+    chat_template: str | None = None,
+    end_of_turn: str = "<|im_end|>",
 ) -> Path:
     """Write a transformers-loadable checkpoint of `model` to out_dir and return its path.
 
@@ -247,11 +256,15 @@ def export_hf(
     recognised special tokens in the tokenizer (e.g. <|endoftext|>). dtype casts the weights
     (default: keep). The directory is written elsewhere and renamed into place, so readers never
     see a half-written export; an existing out_dir is replaced.
+    chat_template (Jinja text, needs tokenizer_path): written as chat_template.jinja beside the
+    tokenizer, and the `end_of_turn` token joins the EOS ids of generation_config.json so that
+    `generate` stops at the end of an assistant turn.
     """
     net = _unwrap(model)
     cfg = net.cfg
     out = Path(out_dir)
     specials: dict[str, str] = {}
+    vocab: dict[str, int] = {}
     if tokenizer_path is not None:
         from tokenizers import Tokenizer
 
@@ -266,6 +279,11 @@ def export_hf(
             raise ValueError(
                 f"tokenizer has {len(vocab)} tokens but the model's vocab_size is {cfg.vocab_size}"
             )
+    if chat_template is not None and tokenizer_path is None:
+        raise ValueError("a chat_template needs the tokenizer (tokenizer_path) to ship with")
+    stop_ids: int | list[int] | None = eos_token_id
+    if chat_template is not None and end_of_turn in vocab:
+        stop_ids = [i for i in (eos_token_id, vocab[end_of_turn]) if i is not None]
     hf_cfg = to_hf_config(cfg, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
 
     tensors: dict[str, Tensor] = {}
@@ -281,10 +299,10 @@ def export_hf(
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        gen = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+        gen = {"bos_token_id": bos_token_id, "eos_token_id": stop_ids}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer_path is not None:
-            _save_tokenizer(tokenizer_path, tmp, specials, cfg.max_seq_len)
+            _save_tokenizer(tokenizer_path, tmp, specials, cfg.max_seq_len, chat_template)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

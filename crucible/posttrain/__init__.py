@@ -1,1 +1,2 @@
 """Post-training: preference optimisation, RL with verifiable rewards, distillation."""
+"""Post-training: conversations, the chat template, SFT data and losses."""
