@@ -227,9 +227,10 @@ def build_benchmark(name: str, records: list[Record], **overrides: Any) -> Task:
     if name == "gsm8k":
         kw.update(stop=["Question:", "\n\n"], max_new_tokens=256)
     if name == "humaneval":
-        from crucible.evaluate.sandbox import humaneval_check
+        from crucible.evaluate.sandbox import humaneval_check, require_sandbox
 
-        kw.update(stop=HUMANEVAL_STOP, max_new_tokens=384, check=humaneval_check)
+        kw.update(stop=HUMANEVAL_STOP, max_new_tokens=384, check=humaneval_check,
+                  preflight=require_sandbox)  # fmt: skip
     kw.update(overrides)
     return Task(name, spec.kind, docs, baseline, **kw)  # type: ignore[arg-type]
 

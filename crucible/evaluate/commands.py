@@ -64,6 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="auto",
         help="how to run a Hugging Face directory",
     )
+    p.add_argument(
+        "--allow-unsafe-code",
+        action="store_true",
+        help="run generated code (HumanEval) even where the namespace sandbox is unavailable: "
+        "without isolation it can read and write your files and use the network",
+    )
     p.add_argument("--out", default=None, help="results JSON (default: beside the model)")
     p.add_argument("--plot", default=None, help="audit: where to save the score-vs-tokens plot")
     p.set_defaults(func=run_command)
@@ -111,6 +117,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from crucible.evaluate.results import default_results_path, format_table, write_results
     from crucible.evaluate.suite import evaluate_tasks
 
+    if args.allow_unsafe_code:
+        import os
+
+        from crucible.evaluate.sandbox import UNSAFE_ENV
+
+        os.environ[UNSAFE_ENV] = "1"
     targets = _targets(args)
     if args.out and len(targets) > 1:
         raise ValueError("--out names one file; drop it to write one results file per checkpoint")
