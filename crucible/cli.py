@@ -216,12 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     from crucible.evaluate.commands import register as register_eval
     from crucible.infra.commands import register as register_infra
     from crucible.plan.commands import register as register_plan
+    from crucible.posttrain.commands import register as register_posttrain
 
     register_data(sub)
     register_eval(sub)
     register_plan(sub)
     register_infra(sub)
     register_ablate(sub)
+    register_posttrain(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Post-training: steps after pre-training that reuse its engine and run directories."""
