@@ -134,7 +134,10 @@ def test_no_capabilities_and_no_remount():
         "libc = ctypes.CDLL(None, use_errno=True)\n"
         "assert libc.mount(None, b'/', None, 0x20 | 0x1000, None) != 0\n"  # MS_REMOUNT | MS_BIND
         "assert sorted(os.listdir('/dev')) == "
-        "['fd', 'full', 'null', 'random', 'stderr', 'stdin', 'stdout', 'urandom', 'zero']\n"
+        "['fd', 'full', 'null', 'random', 'shm', 'stderr', 'stdin', 'stdout', 'urandom', 'zero']\n"
+        "import multiprocessing as mp\n"
+        "q = mp.Queue(); p = mp.Process(target=q.put, args=(42,)); p.start(); p.join()\n"
+        "assert q.get() == 42\n"
     )
     res = run_python(program, timeout_s=5)
     assert res.passed, res.output
@@ -254,3 +257,13 @@ def test_all_164_canonical_humaneval_solutions_pass():
         results = list(pool.map(check, task.docs))
     failed = [d.meta["task_id"] for d, ok in zip(task.docs, results) if not ok]
     assert not failed
+
+
+@needs_isolation
+def test_file_size_and_private_tmp_size_are_limited():
+    big = "open('/tmp/big', 'wb').write(b'x' * (20 << 20))\n"
+    assert run_python(big, limits=Limits(timeout_s=5, file_mb=16)).status == "failed"
+    fits = "open('/tmp/ok', 'wb').write(b'x' * (8 << 20))\n"
+    assert run_python(fits, limits=Limits(timeout_s=5, file_mb=16)).passed
+    full = "for i in range(3):\n    open(f'/tmp/f{i}', 'wb').write(b'x' * (12 << 20))\n"
+    assert run_python(full, limits=Limits(timeout_s=5, file_mb=16, tmp_mb=32)).status == "failed"

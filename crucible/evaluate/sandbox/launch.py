@@ -85,7 +85,7 @@ def _private_tmp(size_mb: int) -> None:
 
 
 def _minimal_dev() -> None:
-    """Replace /dev by a tmpfs holding only null, zero, full, random and urandom (no disks)."""
+    """Replace /dev by a tmpfs holding only null, zero, full, random, urandom and shm/."""
     stage = "/tmp/.dev"
     os.mkdir(stage)
     _mount("tmpfs", stage, "tmpfs", _MS_NOSUID, "size=64k,mode=755")
@@ -95,9 +95,12 @@ def _minimal_dev() -> None:
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
         os.symlink(target, f"{stage}/{name}")
+    os.mkdir(f"{stage}/shm")
     _mount(stage, "/dev", None, _MS_MOVE)
     os.rmdir(stage)
     _read_only("/dev")
+    # POSIX shared memory (multiprocessing's locks and queues) gets its own small tmpfs
+    _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, "size=16m,mode=1777")
 
 
 def _hide_run() -> None:
