@@ -7,6 +7,7 @@ table), and the HumanEval canonical solutions still pass 164/164 inside it.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import socket
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from crucible.config import load_config
 from crucible.evaluate import sandbox
 from crucible.evaluate.benchmarks import build_benchmark, find_data, read_records
 from crucible.evaluate.sandbox import (
@@ -29,6 +31,7 @@ from crucible.evaluate.sandbox import (
     run_python,
 )
 from crucible.evaluate.sandbox import process as sandbox_process
+from crucible.evaluate.suite import build_task
 from crucible.evaluate.task import GenDoc, run_task
 
 ISOLATED, WHY = isolation_available()
@@ -201,7 +204,7 @@ def test_the_unsafe_mode_caps_output_and_time_too():
     assert out.timed_out and out.seconds < 2
 
 
-def test_refused_without_isolation_unless_allowed(monkeypatch):
+def test_refused_without_isolation_unless_allowed(monkeypatch, tmp_path):
     sandbox_process.isolation.cache_clear()
     monkeypatch.setattr(sandbox_process.shutil, "which", lambda name: None)
     monkeypatch.delenv(sandbox.UNSAFE_ENV, raising=False)
@@ -219,6 +222,14 @@ def test_refused_without_isolation_unless_allowed(monkeypatch):
         task = build_benchmark("humaneval", [doc])
         with pytest.raises(SandboxUnavailable):
             run_task(task, lm=None)  # type: ignore[arg-type]
+        # ... unless the task was built with allow_unsafe_code (eval --allow-unsafe-code, or
+        # eval.allow_unsafe_code in a run config for in-loop evaluation)
+        (tmp_path / "he.jsonl").write_text(json.dumps(doc) + "\n")
+        task = build_task(f"humaneval={tmp_path / 'he.jsonl'}", allow_unsafe_code=True)
+        task.preflight()
+        assert task.check(task.docs[0], task.docs[0].answer)
+        assert not task.check(task.docs[0], "    return 2\n")
+        assert load_config("tiny", ["eval.allow_unsafe_code=true"]).eval.allow_unsafe_code
     finally:
         sandbox_process.isolation.cache_clear()
 

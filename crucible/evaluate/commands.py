@@ -95,6 +95,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["pmi"] = True
     if args.samples:
         out.update(samples=args.samples, temperature=0.8)
+    if args.allow_unsafe_code:
+        out["allow_unsafe_code"] = True
     return out
 
 
@@ -117,12 +119,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     from crucible.evaluate.results import default_results_path, format_table, write_results
     from crucible.evaluate.suite import evaluate_tasks
 
-    if args.allow_unsafe_code:
-        import os
-
-        from crucible.evaluate.sandbox import UNSAFE_ENV
-
-        os.environ[UNSAFE_ENV] = "1"
     targets = _targets(args)
     if args.out and len(targets) > 1:
         raise ValueError("--out names one file; drop it to write one results file per checkpoint")

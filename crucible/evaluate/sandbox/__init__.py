@@ -98,8 +98,10 @@ def humaneval_program(prompt: str, completion: str, test: str, entry_point: str)
     return f"{prompt}{completion}\n\n{test}\n\ncheck({entry_point})\n"
 
 
-def humaneval_check(doc, completion: str, timeout_s: float = 10.0) -> bool:
+def humaneval_check(
+    doc, completion: str, timeout_s: float = 10.0, allow_unsafe: bool | None = None
+) -> bool:
     """Whether a HumanEval completion passes the problem's tests."""
     m = doc.meta
     program = humaneval_program(doc.prompt, completion, m["test"], m["entry_point"])
-    return run_python(program, timeout_s).passed
+    return run_python(program, timeout_s, allow_unsafe=allow_unsafe).passed
