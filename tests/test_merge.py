@@ -158,6 +158,10 @@ def test_different_shapes_or_tokenizers_name_the_first_mismatch(tmp_path, tokeni
         {"model": str(wide), "parameters": {"weight": 1}}]}])  # fmt: skip
     err = _error(capsys, cfg, "--out", tmp_path / "o")
     assert "layers.0.mlp.gate_proj.weight" in err and "[128, 64] vs [192, 64]" in err
+    theta = make_run(tmp_path, "theta", 1, tokenizer, ["model.rope_theta=500000"])
+    cfg = write(tmp_path / "c.yaml", [{"merge_method": "model_soup", "models": [
+        {"model": str(a)}, {"model": str(theta)}]}])  # fmt: skip
+    assert "rope_theta 10000.0 vs 500000.0" in _error(capsys, cfg, "--out", tmp_path / "o")
     other = make_run(tmp_path, "other", 1, tokenizer)
     tok = json.loads((other / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]

@@ -83,8 +83,22 @@ def _vocab(path: Path) -> dict[str, int]:
         raise ConfigError(f"{path}: unreadable tokenizer ({e})") from None
 
 
+def _architecture(cfg: ModelConfig) -> dict[str, Any]:
+    """What must agree for tensors to mean the same thing (shapes are compared separately)."""
+    return {
+        "num_heads": cfg.num_heads,
+        "num_kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.dim_per_head,
+        "rope_theta": cfg.rope_theta,
+        "rope layers": [i for i in range(cfg.num_layers) if cfg.uses_rope(i)],
+        "qk_norm": cfg.qk_norm,
+        "norm_eps": cfg.norm_eps,
+    }
+
+
 def check_compatible(sources: list[Source]) -> None:
-    """Same tensor names and shapes, same tokenizer; else one line naming the first mismatch."""
+    """Same tensor names and shapes, architecture and tokenizer; else one line naming the first
+    mismatch (the output takes the first model's remaining settings, e.g. max_seq_len)."""
     ref = sources[0]
     for other in sources[1:]:
         for name, t in ref.state.items():
@@ -100,6 +114,11 @@ def check_compatible(sources: list[Source]) -> None:
         if extra:
             raise ConfigError(f"models {ref.label} and {other.label} differ: {ref.label} has no "
                               f"tensor {extra[0]}")  # fmt: skip
+        a, b = _architecture(ref.model_cfg), _architecture(other.model_cfg)
+        for key in a:
+            if a[key] != b[key]:
+                raise ConfigError(f"models {ref.label} and {other.label} differ in architecture: "
+                                  f"{key} {a[key]} vs {b[key]}")  # fmt: skip
     with_tok = [s for s in sources if s.tokenizer is not None]
     if len(with_tok) < 2:
         return
