@@ -57,16 +57,18 @@ class Outcome:
 
 
 def _world_usable(path: Path) -> bool:
-    """Whether uid nobody can reach `path` (every directory above it o+x, the path itself o+r)."""
-    path = path.resolve()
-    for parent in path.parents:
-        if not os.stat(parent).st_mode & stat.S_IXOTH:
+    """Whether uid nobody can reach `path`, as given and resolved (every directory above it o+x,
+    the path itself o+r)."""
+    for p in (path.absolute(), path.resolve()):
+        if any(not os.stat(parent).st_mode & stat.S_IXOTH for parent in p.parents):
             return False
-    return bool(os.stat(path).st_mode & stat.S_IROTH)
+        if not os.stat(p).st_mode & stat.S_IROTH:
+            return False
+    return True
 
 
 def _as_nobody() -> bool:
-    """Real root drops to nobody when nobody can run this Python (interpreter, stdlib, packages)."""
+    """Real root drops to nobody when nobody can run this Python (interpreter, stdlib)."""
     needed = [Path(sys.executable), Path(os.__file__).parent]  # interpreter, standard library
     return os.geteuid() == 0 and all(_world_usable(p) for p in needed)
 
