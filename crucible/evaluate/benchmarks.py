@@ -206,6 +206,7 @@ HUMANEVAL_STOP = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]
 def build_benchmark(name: str, records: list[Record], **overrides: Any) -> Task:
     """A Task from raw records; invalid records are counted, not fatal."""
     spec = BENCHMARKS[name]
+    allow_unsafe = overrides.pop("allow_unsafe_code", None)  # code tasks only
     docs, bad = [], []
     for i, r in enumerate(records):
         try:
@@ -227,9 +228,13 @@ def build_benchmark(name: str, records: list[Record], **overrides: Any) -> Task:
     if name == "gsm8k":
         kw.update(stop=["Question:", "\n\n"], max_new_tokens=256)
     if name == "humaneval":
-        from crucible.evaluate.sandbox import humaneval_check
+        from functools import partial
 
-        kw.update(stop=HUMANEVAL_STOP, max_new_tokens=384, check=humaneval_check)
+        from crucible.evaluate.sandbox import humaneval_check, require_sandbox
+
+        kw.update(stop=HUMANEVAL_STOP, max_new_tokens=384,
+                  check=partial(humaneval_check, allow_unsafe=allow_unsafe),
+                  preflight=partial(require_sandbox, allow_unsafe))  # fmt: skip
     kw.update(overrides)
     return Task(name, spec.kind, docs, baseline, **kw)  # type: ignore[arg-type]
 

@@ -64,6 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="auto",
         help="how to run a Hugging Face directory",
     )
+    p.add_argument(
+        "--allow-unsafe-code",
+        action="store_true",
+        help="run generated code (HumanEval) even where the namespace sandbox is unavailable: "
+        "without isolation it can read and write your files and use the network",
+    )
     p.add_argument("--out", default=None, help="results JSON (default: beside the model)")
     p.add_argument("--plot", default=None, help="audit: where to save the score-vs-tokens plot")
     p.set_defaults(func=run_command)
@@ -89,6 +95,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["pmi"] = True
     if args.samples:
         out.update(samples=args.samples, temperature=0.8)
+    if args.allow_unsafe_code:
+        out["allow_unsafe_code"] = True
     return out
 
 

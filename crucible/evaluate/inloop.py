@@ -51,7 +51,8 @@ class InLoopEval:
         self.errors: dict[str, str] = {}
         for spec in expand(cfg.tasks):
             try:
-                self.tasks.append(build_task(spec, cfg.data_dir, cfg.seed))
+                extra = {"allow_unsafe_code": True} if cfg.allow_unsafe_code else {}
+                self.tasks.append(build_task(spec, cfg.data_dir, cfg.seed, **extra))
             except Exception as e:  # noqa: BLE001 - a bad task is reported, training goes on
                 self.errors[spec] = f"{type(e).__name__}: {e}"
 

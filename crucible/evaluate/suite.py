@@ -37,6 +37,7 @@ def build_task(spec: str, data_dir: str | None = None, seed: int = 0, **override
         if source:
             raise ValueError(f"{name} is built in and takes no data file")
         task = build_builtin(name, seed=seed)
+        overrides.pop("allow_unsafe_code", None)  # no built-in task runs code
         for k, v in overrides.items():
             setattr(task, k, v)
         return task

@@ -117,6 +117,7 @@ class Task:
     samples: int = 1
     temperature: float = 0.0
     check: Callable[[GenDoc, str], bool] | None = None  # replaces extraction (code execution)
+    preflight: Callable[[], object] | None = None  # raises before generation (e.g. no sandbox)
     invalid: int = 0  # records dropped while loading (counted failures)
     invalid_examples: list[str] = field(default_factory=list)
 
@@ -132,6 +133,8 @@ def run_task(
     task: Task, lm: EvalLM, limit: int | None = None, seed: int = 0, batch_size: int = 32
 ) -> dict[str, Any]:
     """Score one task: {metrics, n, failures, random_baseline, ...}."""
+    if task.preflight is not None:
+        task.preflight()
     docs = task.subset(limit, seed)
     if task.kind == "mc":
         res = _run_mc(task, lm, docs, seed, batch_size)
@@ -221,10 +224,10 @@ def _run_gen(task: Task, lm: EvalLM, docs: list, seed: int) -> dict[str, Any]:
         maj.append(maj_at_k(answers, doc.answer, k) if task.check is None else float(oks[0]))
     n = len(first)
     metrics: dict[str, float] = {"exact_match": fmean(first)} if n else {}
-    if n and k > 1:
+    if n:  # pass@1 for greedy runs too (k = 1: the share of problems solved)
         for kk in sorted({1, k}):
             metrics[f"pass@{kk}"] = fmean(pass_at_k(k, c, kk) for c in correct_counts)
-        if task.check is None:
+        if task.check is None and k > 1:
             metrics[f"maj@{k}"] = fmean(maj)
     return {"metrics": metrics, "n": n, "failures": failures, "unstopped": unstopped,
             "failure_examples": examples, "samples": records}  # fmt: skip
