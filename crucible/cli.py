@@ -244,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     from crucible.evaluate.commands import register as register_eval
     from crucible.infra.commands import register as register_infra
     from crucible.plan.commands import register as register_plan
-    from crucible.serve.commands import register as register_serve
     from crucible.posttrain.commands import register as register_posttrain
+    from crucible.serve.commands import register as register_serve
 
     register_data(sub)
     register_eval(sub)

@@ -1,3 +1,2 @@
-"""Post-training: preference optimisation, RL with verifiable rewards, distillation."""
-"""Post-training: conversations, the chat template, SFT data and losses."""
-"""Post-training: steps after pre-training that reuse its engine and run directories."""
+"""Post-training: conversations, the chat template, SFT, preference optimisation, RL with
+verifiable rewards, distillation and merging, on the pretraining engine and run directories."""
