@@ -264,6 +264,8 @@ class SpikeConfig(_Strict):
 class MonitorConfig(_Strict):
     """Monitoring beyond loss: cheap scalars at every log step, details every `every` steps."""
 
+    enabled: bool = Field(True, description="false: no monitoring callback at all.")
+
     every: int = Field(
         100,
         ge=0,

@@ -79,7 +79,7 @@ def train(
     run.callbacks = [
         FaultInjector(run),
         LoggingCallback(),
-        MonitorCallback(run),
+        *([MonitorCallback(run)] if cfg.monitor.enabled else []),
         run.callbacks[0],  # validation, built in setup
         *callbacks,
         CheckpointCallback(),
