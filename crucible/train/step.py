@@ -13,7 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
-from crucible.train.distributed import all_reduce_sum, sync_grads_context
+from crucible.train.distributed import all_reduce_sum, clip_grad_norm, sync_grads_context
 from crucible.train.schedule import lr_at
 from crucible.train.state import Run, StepResult
 
@@ -51,7 +51,7 @@ def train_step(run: Run, step: int) -> StepResult:
         sums[0] += out.loss.detach().double() - z_coef * z
         sums[1] += z
     max_norm = run.cfg.optim.clip_grad if run.cfg.optim.clip_grad is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = clip_grad_norm(model.parameters(), max_norm)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
         grad_norm = grad_norm.full_tensor()
     sums[2] = float(run.stop_signal is not None)  # every rank learns that one was signalled
