@@ -48,6 +48,7 @@ class Layout:
     recompute: Recompute = "none"
     sequence_parallel: bool = True  # with TP: norms and residuals are split over TP ranks too
     recompute_every: int = 1  # recompute blocks 0, N, 2N, ...; the others keep everything
+    vocab_parallel: bool = True  # TP splits the embedding / output head (Megatron); crucible: no
 
     @property
     def world_size(self) -> int:
@@ -92,7 +93,7 @@ def check_layout(cfg: ModelConfig, layout: Layout) -> None:
 def params_per_gpu(cfg: ModelConfig, layout: Layout, moe: MoESpec | None = None) -> int:
     """Parameters held by the most loaded GPU before ZeRO sharding (TP and PP split them).
 
-    TP splits attention, MLP and the (vocab-parallel) embedding; norms are replicated. PP gives
+    TP splits attention, MLP and (vocab_parallel) the embedding; norms are replicated. PP gives
     each stage ceil(layers / pp) blocks; the first stage also holds the embedding, the last the
     final norm and the output head (a copy of the embedding when tied and PP > 1).
     """
@@ -104,7 +105,7 @@ def params_per_gpu(cfg: ModelConfig, layout: Layout, moe: MoESpec | None = None)
         mlp = (moe.num_experts + moe.shared_experts) * 3 * d * moe.expert_intermediate_size
         mlp += d * moe.num_experts * tp  # the router is replicated, not split
     layer = (attention_params_per_layer(cfg) + mlp) // tp + norm
-    embed = cfg.vocab_size * d // tp
+    embed = cfg.vocab_size * d // (tp if layout.vocab_parallel else 1)
     blocks = math.ceil(cfg.num_layers / layout.pp)
     head = 0 if cfg.tie_embeddings and layout.pp == 1 else embed
     if layout.pp == 1:
@@ -201,7 +202,9 @@ def activations(
     if precision == "autocast":
         extra["RoPE tables and targets"] = (2 * 4 * cfg.dim_per_head + 8) * tokens
     if logits == "full":  # fp32 logits kept for the softmax backward, vocab-parallel under TP
-        extra["logits (fp32)"] = 4 * cfg.vocab_size * tokens / layout.tp
+        extra["logits (fp32)"] = (
+            4 * cfg.vocab_size * tokens / (layout.tp if layout.vocab_parallel else 1)
+        )
     if layout.recompute == "full":  # the block being recomputed holds its own tensors
         one_block = sum(activation_tensors(cfg, precision, "none").values())
         extra["recomputed block"] = one_block * tokens / split

@@ -41,7 +41,7 @@ def train_step(run: Run, step: int) -> StepResult:
     z_coef = run.cfg.model.z_loss
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # ce, z, stop flag
     for i, batch in enumerate(batches):
-        batch = batch.to(device)
+        batch = batch.to(device, non_blocking=True)  # pinned by the prefetcher on CUDA
         with sync_grads_context(model, last_micro_batch=i == len(batches) - 1):
             with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
                 out = model(batch.tokens, batch.targets, doc_ids=batch.doc_ids)

@@ -33,6 +33,7 @@ from crucible.train.callbacks.checkpointing import CheckpointCallback
 from crucible.train.callbacks.faults import FaultInjector
 from crucible.train.callbacks.logging import LoggingCallback
 from crucible.train.callbacks.monitoring import MonitorCallback
+from crucible.train.callbacks.plan_check import PlanCheckCallback
 from crucible.train.callbacks.signals import SignalCallback
 from crucible.train.callbacks.spikes import SpikeGuard
 from crucible.train.callbacks.validation import ValidationCallback
@@ -78,6 +79,7 @@ def train(
         FaultInjector(run),
         LoggingCallback(),
         MonitorCallback(run),
+        PlanCheckCallback(),
         run.callbacks[0],  # validation, built in setup
         *callbacks,
         CheckpointCallback(),
