@@ -21,6 +21,9 @@ from crucible.train.checkpoint import load_model_weights
 from crucible.train.distributed import check_parallel_config
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "layout_check.py"
+# In-loop evaluation at steps 2, 4 and 5: multiple choice, generation (KV cache) and bits-per-byte
+# run through the TP model on every rank.
+EVAL = ["eval.every=2", "eval.subset=4", "eval.tasks=[arithmetic,arithmetic_gen,stdlib_bpb]"]
 COMMON = ["train.log_every=1", "train.val_every=0", "train.dtype=fp32", "train.threads=1",
           "schedule.warmup_steps=2", "schedule.kind=constant"]  # fmt: skip
 
@@ -37,9 +40,13 @@ def _torchrun(args: list[str], nproc: int, module: bool = True) -> subprocess.Co
     return out
 
 
-def _losses(run_dir: Path) -> list[float]:
+def _events(run_dir: Path, kind: str) -> list[dict]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["event"] == "train"]
+    return [r for r in rows if r["event"] == kind]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in _events(run_dir, "train")]
 
 
 @pytest.mark.slow
@@ -64,7 +71,7 @@ def test_layouts_initialise_and_differentiate_like_one_process():
 def runs(tmp_path_factory, small_base):
     runs = tmp_path_factory.mktemp("tp-runs")
     base = ["tiny", *small_base, f"out_dir={runs}", *COMMON]
-    _torchrun([*base, "name=single", "train.steps=5"], 1)
+    _torchrun([*base, *EVAL, "name=single", "train.steps=5"], 1)
     return runs, base
 
 
@@ -73,16 +80,27 @@ def runs(tmp_path_factory, small_base):
 def test_tp_training_matches_one_process_and_resumes_bit_exactly(runs):
     runs, base = runs
     tp = [*base, "distributed.tp=2", "checkpoint.every=3", "checkpoint.keep_last=2"]
-    _torchrun([*tp, "name=tp", "train.steps=5"], 2)
+    _torchrun([*tp, *EVAL, "name=tp", "train.steps=5"], 2)
     ref, got = _losses(runs / "single"), _losses(runs / "tp")
     assert len(ref) == len(got) == 5
     for a, b in zip(ref, got):
         assert abs(a - b) / abs(a) < 1e-5, (ref, got)
+    # Final validation and in-loop evaluation agree with one process too.
+    ref_sum = json.loads((runs / "single" / "summary.json").read_text())
+    got_sum = json.loads((runs / "tp" / "summary.json").read_text())
+    assert got_sum["val_loss"] == pytest.approx(ref_sum["val_loss"], rel=1e-5)
+    ref_eval, got_eval = _events(runs / "single", "eval"), _events(runs / "tp", "eval")
+    assert [e["step"] for e in got_eval] == [e["step"] for e in ref_eval] == [2, 4, 5]
+    for a, b in zip(ref_eval, got_eval):
+        assert "stdlib_bpb/bpb" in a and "arithmetic_gen/exact_match" in a and a.keys() == b.keys()
+        for k in a.keys() - {"event", "time", "eval_seconds"}:  # scores identical, bpb ~1e-5
+            continuous = k.endswith(("/bpb", "/token_loss"))
+            assert a[k] == (pytest.approx(b[k], rel=1e-5) if continuous else b[k]), k
     # Resume from step 3 with the same layout: steps 4-5 and the final weights are identical.
     shutil.copytree(runs / "tp", runs / "tp_resumed")
     shutil.rmtree(runs / "tp_resumed" / "checkpoints" / "step_000005")
     (runs / "tp_resumed" / "summary.json").unlink()
-    out = _torchrun([*tp, "name=tp_resumed", "train.steps=5", "--resume"], 2)
+    out = _torchrun([*tp, *EVAL, "name=tp_resumed", "train.steps=5", "--resume"], 2)
     assert "resumed" in out.stdout
     assert _losses(runs / "tp_resumed") == _losses(runs / "tp")
     cfg = load_config(runs / "tp" / "config.yaml")
