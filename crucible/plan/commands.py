@@ -97,11 +97,16 @@ def _write_config(cfg, req, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(dump_config(out))
     tmp.replace(path)
-    launch = (
-        f"torchrun --nproc_per_node {layout.world_size} -m crucible train {path}"
-        if layout.world_size > 1
-        else f"crucible train {path}"
-    )
+    world, per_node = layout.world_size, 8
+    if world == 1:
+        launch = f"crucible train {path}"
+    elif world <= per_node:
+        launch = f"torchrun --standalone --nproc_per_node {world} -m crucible train {path}"
+    else:  # one torchrun per node, all meeting at one rendezvous endpoint
+        launch = (
+            f"torchrun --nnodes {-(-world // per_node)} --nproc_per_node {per_node} "
+            f"--rdzv_backend c10d --rdzv_endpoint HOST:29500 -m crucible train {path} (on each node)"
+        )
     print(f"\nwrote {path} ({layout.describe()}); run it with: {launch}", file=sys.stderr)
 
 
