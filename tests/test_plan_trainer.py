@@ -82,7 +82,7 @@ def test_run_from_a_written_config_logs_plan_check(tmp_path, small_base, capsys)
     out = tmp_path / "one.yaml"
     assert _plan(["plan", "tiny", *small_base, "--gpus", "1", "--recompute", "selective",
                   "--write-config", str(out)]) == 0  # fmt: skip
-    cfg = load_config(out, [f"out_dir={tmp_path / 'runs'}", "train.steps=3", "train.val_every=0",
+    cfg = load_config(out, [f"out_dir={tmp_path / 'runs'}", "train.steps=4", "train.val_every=0",
                             "train.log_every=1", "checkpoint.every=0", "train.threads=1"])  # fmt: skip
     assert cfg.train.activation_checkpointing == "selective"
     result = train(cfg, quiet=True)
@@ -94,7 +94,7 @@ def test_run_from_a_written_config_logs_plan_check(tmp_path, small_base, capsys)
     assert (
         c["measured_memory"] == "host peak RSS" and c["predicted_tokens_per_s_per_device"] is None
     )
-    assert c["measured_tokens_per_s_per_device"] > 0 and c["measured_steps"] == 2
+    assert c["measured_tokens_per_s_per_device"] > 0 and c["measured_steps"] == 2  # steps 3-4
     assert "recompute=selective" in c["layout"]
     train_rows = [r for r in rows if r["event"] == "train"]
     assert all(r["data_seconds"] >= 0 for r in train_rows)  # the prefetcher's wait, per step

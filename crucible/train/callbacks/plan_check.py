@@ -5,7 +5,8 @@ Measured memory is the device's peak allocation on CUDA and the process's peak r
 (host RSS, which also counts the Python runtime and the data) on CPU; predicted is the planner's
 peak per device for the layout (`crucible.plan.memory`, autocast precision: what the trainer
 runs). Throughput is predicted where the device is in the hardware table (GPUs), and measured
-over the steps after the first (which pays for compilation and allocator warm-up).
+over up to three steps after the first two (compilation and allocator warm-up); a shorter run
+measures what it has.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ from crucible.plan.trainer_layouts import layout_of
 from crucible.train.callbacks.base import Callback
 from crucible.train.state import Run, StepResult
 
-WARMUP_STEPS = 1
+WARMUP_STEPS = 2  # the first (compilation) and second (recompiles, allocator) steps
 MEASURED_STEPS = 3
 GiB = 2**30
+
+
+def _size(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:,.1f} MiB"
 
 
 def measured_peak_bytes(device: torch.device) -> tuple[int, str]:
@@ -45,7 +50,7 @@ class PlanCheckCallback(Callback):
         if self.done:
             return
         k = result.step - self.first
-        short = run.end_step - self.first <= WARMUP_STEPS  # too few steps to skip the first
+        short = run.end_step - self.first <= WARMUP_STEPS  # too few steps to skip the warm-up
         if k > WARMUP_STEPS or short:
             self.seconds += result.data_seconds + result.compute_seconds
             self.steps += 1
@@ -81,7 +86,7 @@ class PlanCheckCallback(Callback):
         )
         tps = f"{predicted_tps:,.0f}" if predicted_tps else "n/a (device not in the table)"
         run.say(
-            f"  plan check ({layout.describe()}): memory predicted {predicted_mem / GiB:.2f} GiB, "
-            f"measured {measured_mem / GiB:.2f} GiB ({kind}); tokens/s/device predicted {tps}, "
+            f"  plan check ({layout.describe()}): memory predicted {_size(predicted_mem)}, "
+            f"measured {_size(measured_mem)} ({kind}); tokens/s/device predicted {tps}, "
             f"measured {measured_tps:,.0f}"
         )
