@@ -30,8 +30,10 @@ class Prefetcher:
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] == step:
             return pending[1].result()
-        if pending is not None:
-            pending[1].cancel()
+        if pending is not None and not pending[1].cancel():
+            # Already running: let it finish first, so the loader's caches (permutations) are
+            # never touched by two threads at once. Its result, or error, is not wanted.
+            pending[1].exception()
         return self._make(step)
 
     def start(self, step: int) -> None:

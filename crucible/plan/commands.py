@@ -44,7 +44,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     mbs = args.micro_batch or cfg.train.micro_batch_size
     gpus = args.gpus
     dp = args.dp or (gpus // (args.tp * args.pp * args.cp) if gpus else 1)
-    layout = Layout(dp, args.tp, args.pp, args.cp, args.zero, mbs, seq, 1, args.recompute)
+    layout = Layout(dp, args.tp, args.pp, args.cp, args.zero, mbs, seq, 1, args.recompute,
+                    recompute_every=args.recompute_every)  # fmt: skip
     if gpus and layout.world_size != gpus:
         raise ValueError(
             f"layout DP={dp} x TP={args.tp} x PP={args.pp} x CP={args.cp} = "
@@ -52,7 +53,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         )
     per_step = dp * mbs
     accum = max(1, cfg.train.global_batch_size // per_step)
-    layout = Layout(dp, args.tp, args.pp, args.cp, args.zero, mbs, seq, accum, args.recompute)
+    layout = Layout(dp, args.tp, args.pp, args.cp, args.zero, mbs, seq, accum, args.recompute,
+                    recompute_every=args.recompute_every)  # fmt: skip
     req = PlanRequest(
         accelerator=_accelerator(args),
         layout=layout,
@@ -223,6 +225,9 @@ def _plan_parser(sub) -> None:
     g.add_argument("--micro-batch", type=int, default=None, help="default: the config's")
     g.add_argument("--seq-len", type=int, default=None, help="default: the config's")
     g.add_argument("--recompute", default="none", choices=("none", "selective", "full"))
+    g.add_argument(
+        "--recompute-every", type=int, default=1, metavar="N", help="recompute every N-th block"
+    )
     g.add_argument(
         "--precision",
         default=None,
