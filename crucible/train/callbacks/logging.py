@@ -77,6 +77,7 @@ class LoggingCallback(Callback):
             tokens=done * run.tokens_per_step,
             tokens_per_s=tok_s,
             data_wait=self.data_seconds / self.seconds if self.seconds else 0.0,
+            data_seconds=self.data_seconds / self.steps,  # mean wait for batches per step
             flops_per_s_per_device=achieved,
         )
         if mfu is not None:
