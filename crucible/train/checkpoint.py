@@ -11,6 +11,8 @@ Layout of `checkpoints/step_000123/` (format 2):
   optimizer (read by --resume and init_from only, without arbitrary unpickling:
   checkpoint_dcp), and one
   `rng_rank{r}.safetensors` per rank.
+
+Resuming is elastic: either layout loads on any world size and strategy (`load_checkpoint`).
 - `manifest.json`, written last: size and SHA-256 of every other file (checkpoint_manifest).
 
 A save writes `step_000123.tmp/`, fsyncs every file and directory, writes the manifest and renames
@@ -373,18 +375,23 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((Path(ckpt) / "state.json").read_text())
 
 
-def check_world_size(ckpt: Path, state: dict[str, Any], world: int) -> None:
-    saved_world = state.get("world_size", 1)
-    if saved_world != world:
-        raise ValueError(
-            f"{ckpt}: saved with {saved_world} process(es), resuming with {world}; "
-            "resume with the same world size"
-        )
+def rng_file(ckpt: Path, saved_world: int, world: int, rank: int) -> Path:
+    """The RNG state a rank restores: its own on the same world size, else rank 0's.
+
+    After an elastic resume every rank continues rank 0's streams. That matches a fresh start,
+    where every rank seeds the same generators; the loop draws no per-rank random numbers.
+    """
+    if saved_world == world:
+        return ckpt / ("rng.safetensors" if world == 1 else f"rng_rank{rank}.safetensors")
+    return ckpt / ("rng.safetensors" if saved_world == 1 else "rng_rank0.safetensors")
 
 
-def check_init_from(ckpt: Path, world: int, *, warn: Warn | None = None) -> dict[str, Any]:
+def check_init_from(
+    ckpt: Path, world: int | None = None, *, warn: Warn | None = None
+) -> dict[str, Any]:
     """Preflight of `checkpoint.init_from`: an intact checkpoint (manifest verified, every byte
-    hashed) of this world size. Raises ValueError with one line naming the problem."""
+    hashed), of any world size (`world` is not needed: loading is elastic). Raises ValueError
+    with one line naming the problem."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise ValueError(f"checkpoint.init_from {ckpt}: no such checkpoint directory")
@@ -399,7 +406,7 @@ def check_init_from(ckpt: Path, world: int, *, warn: Warn | None = None) -> dict
     if is_legacy(ckpt):
         (warn or default_warn)(f"checkpoint {ckpt} predates manifests (format 1): unverified")
     state = read_state(ckpt)
-    check_world_size(ckpt, state, world)
+    _check_layout(ckpt, state)
     return state
 
 
@@ -421,33 +428,121 @@ def find_resume_checkpoint(checkpoints: Path, *, warn: Warn | None = None) -> Pa
     return step_dir(checkpoints, step) if step >= 0 else None
 
 
+def _check_layout(ckpt: Path, state: dict[str, Any]) -> None:
+    """A checkpoint holds the files an elastic load needs: shards, or the full safetensors."""
+    if int(state.get("world_size", 1)) > 1:
+        need = ["dcp", "rng_rank0.safetensors"]
+    else:
+        need = ["model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors"]
+    missing = [f for f in need if not (ckpt / f).exists()]
+    if missing:
+        raise CheckpointError(f"{ckpt}: incomplete checkpoint, no {missing[0]}")
+
+
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """Restore model, optimizer and RNG states in place; return the saved state.json.
 
+    Elastic: a checkpoint of any world size loads on any other (DDP, FSDP2 or one process).
+    A sharded save (`dcp/`) is read through DCP, which reshards to the current layout (also in
+    one process); a single-process save is read from its safetensors, on rank 0, and broadcast
+    and sharded by `set_state_dict`. RNG: see `rng_file`. The global data order is unaffected:
+    the loader is a pure, rank-independent function of the step.
+
     Does not verify the manifest (find_resume_checkpoint / latest_checkpoint / check_init_from
-    have). Several processes read `dcp/` through the restricted reader of checkpoint_dcp.
+    have). `dcp/` is read through the restricted reader of checkpoint_dcp.
     """
+    ckpt = Path(ckpt)
     state = read_state(ckpt)
-    check_world_size(ckpt, state, dist.get_world_size() if _is_dist() else 1)
-    if _is_dist():
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        from crucible.train.checkpoint_dcp import SafeLoadPlanner, SafeReader
-
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        sd = {"model": model_sd, "optim": optim_sd}
-        dcp.load(sd, storage_reader=SafeReader(str(ckpt / "dcp")), planner=SafeLoadPlanner())
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-        set_rng(load_file(str(ckpt / f"rng_rank{_rank()}.safetensors")))
+    _check_layout(ckpt, state)
+    world = dist.get_world_size() if _is_dist() else 1
+    if (ckpt / "dcp").is_dir():
+        _load_sharded(ckpt, model, optimizer)
+    elif _is_dist():
+        _load_full_broadcast(ckpt, model, optimizer)
     else:
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
         if optimizer is not None:
-            plain = json.loads((ckpt / "optimizer.json").read_text())
-            tensors = load_file(str(ckpt / "optimizer.safetensors"))
-            optimizer.load_state_dict(unflatten_optimizer(tensors, plain))
-        set_rng(load_file(str(ckpt / "rng.safetensors")))
+            optimizer.load_state_dict(_read_optimizer(ckpt))
+    set_rng(load_file(str(rng_file(ckpt, int(state.get("world_size", 1)), world, _rank()))))
     return state
+
+
+def _read_optimizer(ckpt: Path) -> dict[str, Any]:
+    """The optimizer state of a single-process checkpoint, keyed by parameter index."""
+    plain = json.loads((ckpt / "optimizer.json").read_text())
+    return unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")), plain)
+
+
+def _load_sharded(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """DCP shards into the current layout: the same or another world size, or one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    from crucible.train.checkpoint_dcp import SafeLoadPlanner, SafeReader
+
+    kw = {"storage_reader": SafeReader(str(ckpt / "dcp")), "planner": SafeLoadPlanner()}
+    kw["no_dist"] = not _is_dist()  # one process reads every shard
+    if optimizer is None:
+        sd = {"model": get_model_state_dict(model)}
+        dcp.load(sd, **kw)
+        set_model_state_dict(model, sd["model"])
+        return
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(sd, **kw)
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its name in the unwrapped model (what state dicts are keyed by)."""
+    base = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {id(p): n for n, p in base.named_parameters()}
+
+
+def _load_full_broadcast(
+    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> None:
+    """A single-process checkpoint into several processes: rank 0 reads the full state and
+    `set_state_dict` broadcasts it, each rank keeping its shard (FSDP2) or a replica (DDP)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    model_sd: dict[str, Any] = {}
+    optim_sd: dict[str, Any] = {}
+    if _rank() == 0:
+        model_sd = load_file(str(ckpt / "model.safetensors"))
+        if optimizer is not None:
+            optim_sd = _optimizer_by_name(_read_optimizer(ckpt), model, optimizer)
+    # Separately: set_state_dict takes the other ranks' empty model dict for "optimizer only".
+    set_model_state_dict(model, model_sd, options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
+
+
+def _optimizer_by_name(
+    sd: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """optimizer.state_dict() form (parameters by index) -> the full form keyed by parameter
+    name that `set_state_dict` takes. Index i is the i-th parameter of the optimizer's groups,
+    in every layout (the optimizer is built the same way on the unwrapped, DDP and FSDP2 model)."""
+    names = _param_names(model)
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = sd["param_groups"]
+    if sum(len(g["params"]) for g in groups) != len(order):
+        raise CheckpointError("optimizer state does not match the model's parameters")
+    return {
+        "state": {order[int(i)]: st for i, st in sd["state"].items()},
+        "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in groups],
+    }
 
 
 def load_model_weights(ckpt: Path, model: nn.Module) -> None:
