@@ -25,7 +25,6 @@ from crucible.data.loader import eval_batches
 from crucible.data.mixture import MixtureLoader
 from crucible.data.prepare import prepare_data
 from crucible.data.shards import ShardSet
-from crucible.model import Transformer
 from crucible.plan.params import count_params
 from crucible.tokenizer.train import EOS_TOKEN, load_tokenizer, token_byte_lengths
 from crucible.train import chaos
@@ -41,11 +40,13 @@ from crucible.train.callbacks.validation import ValidationCallback
 from crucible.train.distributed import barrier, init_distributed, wrap_model
 from crucible.train.metrics import MetricsLogger, console, peak_flops
 from crucible.train.optim import build_optimizer
+from crucible.train.preflight import preflight_at_start
 from crucible.train.setup import (
     autocast_dtype,
     check_output_dir,
     check_resume,
     compile_model,
+    init_model,
     make_loader,
     resolve_device,
     write_run_files,
@@ -160,6 +161,7 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
             [token_bytes, torch.zeros(cfg.model.vocab_size - token_bytes.numel(), dtype=torch.long)]
         )
     eos = tokenizer.token_to_id(EOS_TOKEN)  # None: the shards' metadata names it
+    preflight_at_start(cfg, info, device, data, quiet)  # the fast checks; a fail stops here
 
     # ---- the run directory
     if info.is_main:
@@ -167,9 +169,7 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
     barrier()
 
     # ---- model, wrapper, optimizer, loader
-    torch.manual_seed(cfg.seed)
-    with torch.device(device):  # initialise in place: no full-size CPU copy of a large model
-        model = Transformer(cfg.model)
+    model = init_model(cfg, device)
     if cfg.train.compile:
         compile_model(model, per_block=info.enabled and cfg.distributed.strategy == "fsdp")
     model = wrap_model(model, info, cfg.distributed, device)
