@@ -86,7 +86,7 @@ def test_memory_fit(small_overrides, monkeypatch):
     layout = Layout(dp=1, zero=0, micro_batch=4, seq_len=64, grad_accum=2)
     peak = estimate_memory(cfg.model, layout, precision="autocast").peak
     for have, expected in ((2 * peak, "pass"), (1.1 * peak, "warn"), (0.9 * peak, "fail")):
-        monkeypatch.setattr(P, "available_memory", lambda device, h=have: (h, "test"))
+        monkeypatch.setattr(P, "available_memory", lambda device, h=have: (h, h, "test"))
         assert P.check_memory(cfg, 1, cpu).status == expected
 
 

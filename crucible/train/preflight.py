@@ -160,19 +160,20 @@ def check_tokens(cfg: RunConfig, loader) -> Check:
 # --------------------------------------------------------------------------- memory
 
 
-def available_memory(device: torch.device) -> tuple[float | None, str]:
-    """Bytes this process may use on `device` (None: unknown), and where the figure comes from."""
+def available_memory(device: torch.device) -> tuple[float | None, float | None, str]:
+    """Bytes of `device` (None: unknown), bytes free now, and where the figures come from."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return float(total), f"{torch.cuda.get_device_name(device)}, {free / GiB:.1f} GiB free"
+        return float(total), float(free), torch.cuda.get_device_name(device)
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:
                 info = {line.split(":")[0]: line.split()[1] for line in f}
-            return float(info["MemAvailable"]) * 1024, "available host RAM"
+            have = float(info["MemAvailable"]) * 1024
+            return have, have, "available host RAM"
         except (OSError, KeyError, IndexError):
-            return None, "host RAM (unknown on this system)"
-    return None, f"{device.type} memory (not measurable)"
+            return None, None, "host RAM (unknown on this system)"
+    return None, None, f"{device.type} memory (not measurable)"
 
 
 def check_memory(cfg: RunConfig, world: int, device: torch.device) -> Check:
@@ -190,17 +191,19 @@ def check_memory(cfg: RunConfig, world: int, device: torch.device) -> Check:
         peak = estimate_memory(cfg.model, layout, precision="autocast").peak
     except LayoutError as e:
         return Check("memory", "fail", f"the planner refuses this layout: {e}")
-    have, where = available_memory(device)
+    have, free, where = available_memory(device)
     if device.type == "cpu":  # the processes of one host share its RAM
         peak *= int(os.environ.get("LOCAL_WORLD_SIZE", world))
     need = f"planned peak {_size(peak)}"
-    if have is None:
+    if have is None or free is None:
         return Check("memory", "warn", f"{need}; {where}")
-    detail = f"{need} of {_size(have)} ({where})"
+    detail = f"{need} of {_size(have)} ({where}, {_size(free)} free)"
     if peak > have:
         return Check("memory", "fail", f"{detail}: does not fit")
     if peak > 0.8 * have:
         return Check("memory", "warn", f"{detail}: over 80%, little headroom")
+    if peak > free:
+        return Check("memory", "warn", f"{detail}: more than is free now")
     return Check("memory", "pass", detail)
 
 
