@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -485,16 +486,20 @@ def _load_sharded(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 
     from crucible.train.checkpoint_dcp import SafeLoadPlanner, SafeReader
 
-    kw = {"storage_reader": SafeReader(str(ckpt / "dcp")), "planner": SafeLoadPlanner()}
-    kw["no_dist"] = not _is_dist()  # one process reads every shard
+    def load(sd: dict[str, Any]) -> None:
+        reader, planner = SafeReader(str(ckpt / "dcp")), SafeLoadPlanner()
+        with warnings.catch_warnings():  # one process reading every shard is what we mean
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(sd, storage_reader=reader, planner=planner, no_dist=not _is_dist())
+
     if optimizer is None:
         sd = {"model": get_model_state_dict(model)}
-        dcp.load(sd, **kw)
+        load(sd)
         set_model_state_dict(model, sd["model"])
         return
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, **kw)
+    load(sd)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
