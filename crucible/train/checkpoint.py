@@ -29,7 +29,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,12 @@ from torch import nn
 
 from crucible.config import ConfigError
 from crucible.train import chaos
+from crucible.train.checkpoint_elastic import (
+    load_full_broadcast,
+    load_sharded,
+    read_optimizer,
+    rng_file,
+)
 from crucible.train.checkpoint_manifest import (
     Verify,
     Warn,
@@ -60,7 +65,6 @@ from crucible.train.checkpoint_state import (
     flatten_optimizer,
     rng_tensors,
     set_rng,
-    unflatten_optimizer,
 )
 from crucible.train.checkpoint_store import (
     CheckpointWarning,
@@ -376,17 +380,6 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((Path(ckpt) / "state.json").read_text())
 
 
-def rng_file(ckpt: Path, saved_world: int, world: int, rank: int) -> Path:
-    """The RNG state a rank restores: its own on the same world size, else rank 0's.
-
-    After an elastic resume every rank continues rank 0's streams. That matches a fresh start,
-    where every rank seeds the same generators; the loop draws no per-rank random numbers.
-    """
-    if saved_world == world:
-        return ckpt / ("rng.safetensors" if world == 1 else f"rng_rank{rank}.safetensors")
-    return ckpt / ("rng.safetensors" if saved_world == 1 else "rng_rank0.safetensors")
-
-
 def check_init_from(
     ckpt: Path, world: int | None = None, *, warn: Warn | None = None
 ) -> dict[str, Any]:
@@ -457,97 +450,15 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     _check_layout(ckpt, state)
     world = dist.get_world_size() if _is_dist() else 1
     if (ckpt / "dcp").is_dir():
-        _load_sharded(ckpt, model, optimizer)
+        load_sharded(ckpt, model, optimizer)
     elif _is_dist():
-        _load_full_broadcast(ckpt, model, optimizer)
+        load_full_broadcast(ckpt, model, optimizer)
     else:
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
         if optimizer is not None:
-            optimizer.load_state_dict(_read_optimizer(ckpt))
+            optimizer.load_state_dict(read_optimizer(ckpt))
     set_rng(load_file(str(rng_file(ckpt, int(state.get("world_size", 1)), world, _rank()))))
     return state
-
-
-def _read_optimizer(ckpt: Path) -> dict[str, Any]:
-    """The optimizer state of a single-process checkpoint, keyed by parameter index."""
-    plain = json.loads((ckpt / "optimizer.json").read_text())
-    return unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")), plain)
-
-
-def _load_sharded(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """DCP shards into the current layout: the same or another world size, or one process."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_state_dict,
-        set_model_state_dict,
-        set_state_dict,
-    )
-
-    from crucible.train.checkpoint_dcp import SafeLoadPlanner, SafeReader
-
-    def load(sd: dict[str, Any]) -> None:
-        reader, planner = SafeReader(str(ckpt / "dcp")), SafeLoadPlanner()
-        with warnings.catch_warnings():  # one process reading every shard is what we mean
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            dcp.load(sd, storage_reader=reader, planner=planner, no_dist=not _is_dist())
-
-    if optimizer is None:
-        sd = {"model": get_model_state_dict(model)}
-        load(sd)
-        set_model_state_dict(model, sd["model"])
-        return
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    sd = {"model": model_sd, "optim": optim_sd}
-    load(sd)
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-
-
-def _param_names(model: nn.Module) -> dict[int, str]:
-    """id(parameter) -> its name in the unwrapped model (what state dicts are keyed by)."""
-    base = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return {id(p): n for n, p in base.named_parameters()}
-
-
-def _load_full_broadcast(
-    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
-) -> None:
-    """A single-process checkpoint into several processes: rank 0 reads the full state and
-    `set_state_dict` broadcasts it, each rank keeping its shard (FSDP2) or a replica (DDP)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    model_sd: dict[str, Any] = {}
-    optim_sd: dict[str, Any] = {}
-    if _rank() == 0:
-        model_sd = load_file(str(ckpt / "model.safetensors"))
-        if optimizer is not None:
-            optim_sd = _optimizer_by_name(_read_optimizer(ckpt), model, optimizer)
-    # Separately: set_state_dict takes the other ranks' empty model dict for "optimizer only".
-    set_model_state_dict(model, model_sd, options=options)
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
-
-
-def _optimizer_by_name(
-    sd: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """optimizer.state_dict() form (parameters by index) -> the full form keyed by parameter
-    name that `set_state_dict` takes. Index i is the i-th parameter of the optimizer's groups,
-    in every layout (the optimizer is built the same way on the unwrapped, DDP and FSDP2 model)."""
-    names = _param_names(model)
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    groups = sd["param_groups"]
-    if sum(len(g["params"]) for g in groups) != len(order):
-        raise CheckpointError("optimizer state does not match the model's parameters")
-    return {
-        "state": {order[int(i)]: st for i, st in sd["state"].items()},
-        "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in groups],
-    }
 
 
 def load_model_weights(ckpt: Path, model: nn.Module) -> None:
