@@ -126,6 +126,11 @@ def test_cli_table_and_exit_codes(small_overrides, capsys):
     assert e.value.code == 2
     captured = capsys.readouterr()
     assert "fail" in captured.out and "1 check(s) failed: learning rate" in captured.err
+    with pytest.raises(SystemExit) as e:  # data that prepare_data refuses: a row, not a crash
+        main(["preflight", "tiny", *small_overrides, *FAST, "data.tokenizer=/nonexistent/t.json"])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert "/nonexistent/t.json" in captured.out and "tokenizer and shards" in captured.err
 
 
 def test_train_runs_the_fast_checks_before_touching_the_run(small_overrides):
