@@ -53,7 +53,7 @@ def run_preflight(
 ) -> tuple[list[Check], DistInfo]:
     """Every check for `cfg` on this machine (collective under torchrun)."""
     device = setup.resolve_device(cfg.train.device)
-    info = init_distributed(cfg.distributed, device.type)
+    info = init_distributed(cfg, device.type)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     if cfg.train.threads is not None:
