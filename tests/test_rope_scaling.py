@@ -167,3 +167,40 @@ def test_yarn_defaults_follow_the_paper():
     assert fast.sum() >= 8 and slow.sum() >= 8
     torch.testing.assert_close(inv[fast], plain[fast], rtol=1e-6, atol=0)
     torch.testing.assert_close(inv[slow], plain[slow] / 4, rtol=1e-6, atol=0)
+
+
+def test_context_extension_stage_from_a_checkpoint(small_overrides):
+    """init_from a shorter-context run with another RoPE theta, length and batch: the weights
+    carry over (RoPE holds none) and training continues from that step."""
+    from safetensors.torch import load_file
+
+    from crucible.train.trainer import train
+
+    common = [*small_overrides, "train.val_every=0", "checkpoint.every=0", "train.dtype=fp32"]
+    short = ["model.max_seq_len=32", "train.seq_len=32", "train.steps=3"]
+    first = train(load_config("tiny", [*common, *short, "name=s1"]), quiet=True)
+    stage2 = load_config("tiny", [*common, "name=s2", "train.steps=5", "model.max_seq_len=64",
+                                  "train.seq_len=64", "model.rope_theta=100000",
+                                  "train.global_batch_size=4", "train.micro_batch_size=4",
+                                  f"checkpoint.init_from={first.checkpoint}"])  # fmt: skip
+    second = train(stage2, quiet=True)
+    events = [json.loads(x) for x in (second.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "init_from" and events[0]["step"] == 3
+    assert [e["step"] for e in events if e["event"] == "train"][-1] == 5
+    a = load_file(str(first.checkpoint / "model.safetensors"))
+    b = load_file(str(second.checkpoint / "model.safetensors"))
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_long_context_example_stages_resolve():
+    root = Path(__file__).parent.parent / "examples" / "long-context"
+    stages = [load_config(root / f) for f in
+              ("stage1-256.yaml", "stage2-512.yaml", "stage3-1024.yaml")]  # fmt: skip
+    assert [(c.model.max_seq_len, c.train.seq_len, c.model.rope_theta) for c in stages] == [
+        (256, 256, 1e4), (512, 512, 1e5), (1024, 1024, 5e5)]  # fmt: skip
+    assert stages[1].checkpoint.init_from.endswith("lc-stage1/checkpoints/step_000300")
+    assert stages[2].checkpoint.init_from.endswith("lc-stage2/checkpoints/step_000360")
+    shapes = {c.model.model_copy(update={"max_seq_len": 0, "rope_theta": 0}).model_dump_json()
+              for c in stages}  # fmt: skip
+    assert len(shapes) == 1  # same shapes: the weights carry over
+    assert len({c.train.tokens_per_step for c in stages}) == 1
