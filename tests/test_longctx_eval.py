@@ -12,6 +12,7 @@ import torch
 from crucible.evaluate.lm import EvalLM, TextTokenizer
 from crucible.evaluate.longctx import (
     Haystack,
+    Keys,
     evaluate_longctx,
     extend_context,
     make_sample,
@@ -30,6 +31,26 @@ def hay(tok) -> Haystack:
     from crucible.evaluate.longctx import _haystack_text
 
     return Haystack(tok, _haystack_text()[:200_000])
+
+
+def word_tokenizer() -> TextTokenizer:
+    """Bytes plus 40 whole words (" word" as one token): enough words for word keys."""
+    words = [" " + w for w in ("alpha bravo charlie delta echo foxtrot golf hotel india juliet "
+             "kilo lima mike november oscar papa quebec romeo sierra tango uniform victor "
+             "whiskey xray yankee zulu amber basil cedar ember fjord gable harbor jasper kelp "
+             "lumen maple nectar orbit pebble").split()]  # fmt: skip  # noqa: SIM905
+    vocab = [bytes([b]).decode("latin-1") for b in range(256)] + words
+
+    def encode(text: str) -> list[int]:
+        ids, i = [], 0
+        while i < len(text):
+            w = next((w for w in words if text.startswith(w, i)
+                      and not text[i + len(w): i + len(w) + 1].isalpha()), None)  # fmt: skip
+            ids.append(256 + words.index(w) if w else min(ord(text[i]), 255))
+            i += len(w) if w else 1
+        return ids
+
+    return TextTokenizer(encode, lambda ids: "".join(vocab[i] for i in ids), len(vocab), 10)
 
 
 class CopyOracle(EvalLM):
@@ -86,15 +107,32 @@ def test_samples_have_the_exact_length_and_the_needle_at_its_depth(task, tok, ha
         assert answer in in_context and len(in_context) == expected
 
 
-def test_copy_oracle_solves_retrieval_and_not_tracking(tok, hay):
+@pytest.mark.parametrize("keys", ["words", "numbers"])
+def test_copy_oracle_solves_retrieval_and_not_tracking(tok, hay, keys):
+    if keys == "words":  # the test tokenizer (512 tokens) has too few whole words
+        from crucible.evaluate.longctx import _haystack_text
+
+        tok = word_tokenizer()
+        hay = Haystack(tok, _haystack_text()[:20_000])
     lm = CopyOracle(tok, 256)
     res = evaluate_longctx(lm, ["needle", "multikey", "vartrack"], [256], [0.0, 0.5, 1.0],
-                           trials=3, n_candidates=5, haystack=hay)  # fmt: skip
+                           trials=3, n_candidates=5, haystack=hay, keys=keys)  # fmt: skip
     assert res["needle"]["acc"] == [[1.0], [1.0], [1.0]]
     assert res["multikey"]["acc"] == [[1.0], [1.0], [1.0]]
+    assert res["needle"]["keys"] == keys
     # Variable tracking needs two hops: copying the query's variable name leads nowhere.
     assert res["vartrack"]["acc_by_length"][0] < 1.0
     assert res["needle"]["chance"] == 0.2 and res["needle"]["mean_margin"][0][0] > 10
+
+
+def test_word_keys_are_single_tokens(tok):
+    keys = Keys("words", word_tokenizer())
+    assert len(keys.pool) == 40
+    assert all(len(word_tokenizer().encode(" " + w)) == 1 for w in keys.pool)
+    with pytest.raises(ValueError, match="only .* single-token lowercase words"):
+        Keys("words", tok)
+    with pytest.raises(ValueError, match="--keys must be words or numbers"):
+        Keys("letters", tok)
 
 
 def test_grid_errors_come_before_any_work(tok):
@@ -106,7 +144,7 @@ def test_grid_errors_come_before_any_work(tok):
     with pytest.raises(ValueError, match="long-context tasks: needle"):
         evaluate_longctx(lm, ["needles"], [256], [0.5])
     with pytest.raises(ValueError, match="too short for task multikey"):
-        evaluate_longctx(lm, ["multikey"], [64], [0.5])
+        evaluate_longctx(lm, ["multikey"], [64], [0.5], keys="numbers")
     with pytest.raises(ValueError, match="apply to crucible models"):
         extend_context(lm, rope_scaling="yarn:2")
 
@@ -126,7 +164,7 @@ def test_cli_on_a_run_with_yarn(small_overrides, capsys):
     cfg = load_config("tiny", [*small_overrides, "name=lc", "train.steps=2", "train.val_every=0"])
     run = train(cfg, quiet=True).run_dir
     args = ["eval", "longctx", str(run), "--tasks", "needle", "--lengths", "100,256",
-            "--depths", "0,1", "--trials", "2", "--rope-scaling", "yarn:4"]  # fmt: skip
+            "--depths", "0,1", "--trials", "2", "--rope-scaling", "yarn:4", "--keys", "numbers"]  # fmt: skip
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 0

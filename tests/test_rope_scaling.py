@@ -198,8 +198,8 @@ def test_long_context_example_stages_resolve():
               ("stage1-256.yaml", "stage2-512.yaml", "stage3-1024.yaml")]  # fmt: skip
     assert [(c.model.max_seq_len, c.train.seq_len, c.model.rope_theta) for c in stages] == [
         (256, 256, 1e4), (512, 512, 1e5), (1024, 1024, 5e5)]  # fmt: skip
-    assert stages[1].checkpoint.init_from.endswith("lc-stage1/checkpoints/step_000300")
-    assert stages[2].checkpoint.init_from.endswith("lc-stage2/checkpoints/step_000360")
+    assert stages[1].checkpoint.init_from.endswith("lc-stage1/checkpoints/step_000400")
+    assert stages[2].checkpoint.init_from.endswith("lc-stage2/checkpoints/step_000460")
     shapes = {c.model.model_copy(update={"max_seq_len": 0, "rope_theta": 0}).model_dump_json()
               for c in stages}  # fmt: skip
     assert len(shapes) == 1  # same shapes: the weights carry over

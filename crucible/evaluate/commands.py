@@ -4,7 +4,7 @@ crucible eval PATH [PATH...] --tasks early,hellaswag=data/hs.jsonl [--limit N] [
 crucible eval compare A.json B.json [...]     (or run directories: their latest results)
 crucible eval audit RUN [RUN...] [--plot audit.png]
 crucible eval longctx PATH [--tasks needle,multikey,vartrack] [--lengths 256,512,1024]
-    [--depths 0,0.25,0.5,0.75,1] [--trials N] [--candidates N]
+    [--depths 0,0.25,0.5,0.75,1] [--trials N] [--candidates N] [--keys words|numbers]
     [--max-seq-len N] [--rope-scaling yarn:4 [--original-len N]] [--out F] [--plot F]
 """
 
@@ -78,6 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     lc.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
     lc.add_argument("--trials", type=int, default=10, help="samples per (length, depth) cell")
     lc.add_argument("--candidates", type=int, default=10, help="answers scored per sample")
+    lc.add_argument(
+        "--keys",
+        choices=["words", "numbers"],
+        default="words",
+        help="values to retrieve: single-token words (default) or 5-digit numbers",
+    )
     lc.add_argument("--max-seq-len", type=int, default=None, help="positions to allow")
     lc.add_argument(
         "--rope-scaling", default=None, metavar="TYPE:FACTOR", help="e.g. yarn:4, dynamic:2"
@@ -223,12 +229,14 @@ def _longctx(paths: list[str], args: argparse.Namespace) -> int:
     lm, info = load_eval_model(paths[0], args.checkpoint, args.device, args.backend)
     lm = extend_context(lm, args.max_seq_len, args.rope_scaling, args.original_len)
     check_grid(lm, tasks, lengths, depths, args.candidates)
-    results = evaluate_longctx(lm, tasks, lengths, depths, args.trials, args.candidates, args.seed)
+    results = evaluate_longctx(
+        lm, tasks, lengths, depths, args.trials, args.candidates, args.seed, keys=args.keys
+    )
     tag = f"longctx-{args.rope_scaling.replace(':', 'x')}" if args.rope_scaling else "longctx"
     base = default_results_path(info)
     out = Path(args.out) if args.out else base.with_name(f"{base.stem}.{tag}.json")
     config = {"lengths": lengths, "depths": depths, "trials": args.trials,
-              "candidates": args.candidates, "seed": args.seed, "max_seq_len": lm.max_len,
+              "candidates": args.candidates, "keys": args.keys, "seed": args.seed, "max_seq_len": lm.max_len,
               "rope_scaling": args.rope_scaling, "original_len": args.original_len}  # fmt: skip
     write_results({**info, "config": config, "longctx": results}, out)
     title = f"{lm.name}" + (f" ({args.rope_scaling})" if args.rope_scaling else "")

@@ -2,21 +2,27 @@
 
 Each sample is a haystack of held-out text from the embedded corpus (the validation half of the
 Python standard library, never seen in training) with one or more short "needles" spliced in at
-chosen depths, followed by a query. The model is scored by log-likelihood: the right answer
-against `candidates - 1` wrong ones of the same form (5-digit numbers), so even a tiny model that
-retrieves a little shows up above chance (1 / candidates) long before it could generate the
-answer. `length` is the whole sequence in tokens (haystack, needles, query and answer), so a
-length equal to the model's max_seq_len fits exactly. `depth` is where the needle sits: 0 right
-after the start, 1 just before the query.
+chosen depths, followed by a query. The model is scored by log-likelihood: the right value
+against `candidates - 1` wrong ones of the same kind, so even a tiny model that retrieves a
+little shows up above chance (1 / candidates) long before it could generate the answer. Each
+candidate's score is its log-probability after the prompt minus its log-probability after the
+same prompt without the needles (pointwise mutual information with the needles): what the
+needles add, not how common the word is. `acc_raw` keeps the plain log-likelihood ranking. Values
+are single-token lowercase words of the model's tokenizer (`keys="words"`, the default: every
+candidate is one token, so none is favoured by its length) or 5-digit numbers
+(`keys="numbers"`, the classic passkey, split by a BPE into uneven pieces). `length` is the
+whole sequence in tokens (haystack, needles, query and answer), so a length equal to the
+model's max_seq_len fits exactly. `depth` is where the needle sits: 0 right after the start,
+1 just before the query.
 
 Tasks:
-  needle    passkey retrieval: "The pass key is 48213. Remember it. 48213 is the pass key." at
+  needle    passkey retrieval: "The pass key is <v>. Remember it. <v> is the pass key." at
             `depth`; query "What is the pass key? The pass key is". Wrong candidates: random.
-  multikey  RULER MK-NIAH: four "The special magic number for <word> is 48213." needles, the
+  multikey  RULER MK-NIAH: four "The special magic value for <word> is <v>." needles, the
             asked one at
             `depth`, the others at random depths; the wrong candidates include the other
-            needles' numbers (present in the context), so copying any number is not enough.
-  vartrack  RULER variable tracking: two chains VAR_A = 48213, VAR_B = VAR_A, VAR_C = VAR_B;
+            needles' values (present in the context), so copying any value is not enough.
+  vartrack  RULER variable tracking: two chains VAR_A = <v>, VAR_B = VAR_A, VAR_C = VAR_B;
             the asked chain starts at `depth`, its later links and the distractor chain follow
             at random later depths; query "The value of VAR_C is". Wrong candidates include the
             distractor chain's value.
@@ -25,6 +31,7 @@ Tasks:
 from __future__ import annotations
 
 import random
+import re
 import string
 from dataclasses import dataclass
 from functools import cache
@@ -44,11 +51,13 @@ _WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "gable", "harbor
 
 @dataclass
 class Sample:
-    """Token ids of the prompt, the candidate answers (index `answer` is right)."""
+    """Token ids of the prompt, the candidate answers (index `answer` is right), and the same
+    prompt without the needles (what the candidates score from prior knowledge alone)."""
 
     context: list[int]
     candidates: list[list[int]]
     answer: int
+    no_needles: list[int]
 
 
 @dataclass
@@ -81,43 +90,70 @@ class Haystack:
         return (self.ids * reps)[start : start + n] if reps > 1 else self.ids[start : start + n]
 
 
-def _key(rng: random.Random, taken: set[int]) -> int:
-    while True:
-        k = rng.randint(10000, 99999)
-        if k not in taken:
-            taken.add(k)
-            return k
+class Keys:
+    """The values to retrieve: 5-digit numbers, or whole words that are one token each.
+
+    Numbers are the classic passkey, but a BPE splits them into 2-6 pieces unevenly, so for a
+    model that does not copy, log-likelihood among number candidates mostly measures how many
+    pieces each has. Single-token words make every candidate one token: without retrieval the
+    right one wins only by chance.
+    """
+
+    def __init__(self, kind: str = "words", tokenizer: TextTokenizer | None = None) -> None:
+        if kind not in ("words", "numbers"):
+            raise ValueError(f"--keys must be words or numbers, got {kind!r}")
+        self.kind, self.pool = kind, []
+        if kind == "words":
+            if tokenizer is None:
+                raise ValueError("word keys need the tokenizer")
+            for i in range(tokenizer.vocab_size):
+                text = tokenizer.decode([i])
+                if re.fullmatch(r" [a-z]{3,}", text) and tokenizer.encode(text) == [i]:
+                    self.pool.append(text[1:])
+            if len(self.pool) < 24:
+                raise ValueError(
+                    f"--keys words: the tokenizer has only {len(self.pool)} single-token "
+                    "lowercase words (need 24); use --keys numbers"
+                )
+
+    def new(self, rng: random.Random, taken: set[str]) -> str:
+        while True:
+            k = rng.choice(self.pool) if self.pool else str(rng.randint(10000, 99999))
+            if k not in taken:
+                taken.add(k)
+                return k
 
 
-def _spec(task: str, depth: float, rng: random.Random) -> tuple[list[_Needle], str, int, list[int]]:
+def _spec(
+    task: str, depth: float, rng: random.Random, keys: Keys, taken: set[str]
+) -> tuple[list[_Needle], str, str, list[str]]:
     """(needles, query, answer, wrong answers that occur in the context) for one sample."""
-    taken: set[int] = set()
     if task == "needle":
-        k = _key(rng, taken)
+        k = keys.new(rng, taken)
         text = f"\nThe pass key is {k}. Remember it. {k} is the pass key.\n"
         return [_Needle(text, depth)], "\nWhat is the pass key? The pass key is", k, []
     if task == "multikey":
         words = rng.sample(_WORDS, 4)
-        keys = [_key(rng, taken) for _ in words]
+        values = [keys.new(rng, taken) for _ in words]
         needles = [
-            _Needle(f"\nThe special magic number for {w} is {k}.\n", d)
-            for w, k, d in zip(words, keys, [depth] + [rng.random() for _ in words[1:]])
+            _Needle(f"\nThe special magic value for {w} is {v}.\n", d)
+            for w, v, d in zip(words, values, [depth] + [rng.random() for _ in words[1:]])
         ]
         w = words[0]
-        query = f"\nWhat is the special magic number for {w}? The special magic number for {w} is"
-        return needles, query, keys[0], keys[1:]
+        query = f"\nWhat is the special magic value for {w}? The special magic value for {w} is"
+        return needles, query, values[0], values[1:]
     if task == "vartrack":
-        names = ["VAR_" + "".join(rng.choices(string.ascii_uppercase, k=4)) for _ in range(6)]
+        names: list[str] = []
         while len(set(names)) < 6:
             names = ["VAR_" + "".join(rng.choices(string.ascii_uppercase, k=4)) for _ in range(6)]
-        keys = [_key(rng, taken) for _ in range(2)]
+        values = [keys.new(rng, taken) for _ in range(2)]
         needles = []
-        for chain, (value, start) in enumerate(zip(keys, [depth, rng.random()])):
+        for chain, (value, start) in enumerate(zip(values, [depth, rng.random()])):
             a, b, c = names[3 * chain : 3 * chain + 3]
             later = sorted(rng.uniform(start, 1.0) for _ in range(2))
             needles += [_Needle(f"\n{a} = {value}\n", start), _Needle(f"\n{b} = {a}\n", later[0]),
                         _Needle(f"\n{c} = {b}\n", later[1])]  # fmt: skip
-        return needles, f"\nThe value of {names[2]} is", keys[0], keys[1:]
+        return needles, f"\nThe value of {names[2]} is", values[0], values[1:]
     raise ValueError(f"unknown long-context task {task!r}; known: {', '.join(LONGCTX_TASKS)}")
 
 
@@ -130,13 +166,15 @@ def make_sample(
     rng: random.Random,
     n_candidates: int = 10,
     bos: int | None = None,
+    keys: Keys | None = None,
 ) -> Sample:
     """One sample of exactly `length` tokens including the (longest) answer."""
-    needles, query, answer, in_context = _spec(task, depth, rng)
+    keys = keys or Keys("numbers")
+    taken: set[str] = set()
+    needles, query, answer, in_context = _spec(task, depth, rng, keys, taken)
     wrong = list(in_context)[: n_candidates - 1]
-    taken = {answer, *wrong}
     while len(wrong) < n_candidates - 1:
-        wrong.append(_key(rng, taken))
+        wrong.append(keys.new(rng, taken))
     values = [answer, *wrong]
     rng.shuffle(values)
     candidates = [tokenizer.encode(f" {v}") for v in values]
@@ -151,6 +189,7 @@ def make_sample(
             f"{length - budget + 8})"
         )
     hay = haystack.window(budget, rng)
+    no_needles = prefix + hay + query_ids
     starts = {i + 1 for i, t in enumerate(hay) if t in haystack.newline_ids}
     # Splice from the deepest needle down, each at the line start nearest its depth.
     placed = sorted(
@@ -163,7 +202,7 @@ def make_sample(
     )
     for pos, ids in placed:
         hay[pos:pos] = ids
-    return Sample(prefix + hay + query_ids, candidates, values.index(answer))
+    return Sample(prefix + hay + query_ids, candidates, values.index(answer), no_needles)
 
 
 def _snap(pos: int, starts: set[int], budget: int, reach: int = 48) -> int:
@@ -184,44 +223,61 @@ def evaluate_longctx(
     n_candidates: int = 10,
     seed: int = 0,
     haystack: Haystack | None = None,
+    keys: str = "words",
 ) -> dict[str, Any]:
     """Accuracy per (task, depth, length): {task: {"acc": [[...] per depth] per length, ...}}."""
     check_grid(lm, tasks, lengths, depths, n_candidates)
+    key_gen = Keys(keys, lm.tokenizer)
     haystack = haystack or Haystack(lm.tokenizer)
     for task in tasks:  # a length too short for a task fails here, before any scoring
         make_sample(task, lm.tokenizer, haystack, min(lengths), 0.5, random.Random(0),
-                    n_candidates, bos=lm.prefix_id)  # fmt: skip
+                    n_candidates, bos=lm.prefix_id, keys=key_gen)  # fmt: skip
     out: dict[str, Any] = {}
     for task in tasks:
-        acc = [[0.0] * len(lengths) for _ in depths]
-        margin = [[0.0] * len(lengths) for _ in depths]
+        grids: dict[str, list[list[float]]] = {
+            k: [[0.0] * len(lengths) for _ in depths] for k in ("acc", "acc_raw", "margin")
+        }
         for li, length in enumerate(lengths):
             for di, depth in enumerate(depths):
                 rng = random.Random(f"{seed}/{task}/{length}/{depth}")
-                hits, gap = 0, 0.0
+                cell = {"acc": 0.0, "acc_raw": 0.0, "margin": 0.0}
                 for _ in range(trials):
                     s = make_sample(task, lm.tokenizer, haystack, length, depth, rng,
-                                    n_candidates, bos=lm.prefix_id)  # fmt: skip
-                    scores = score_token_pairs(lm, [(s.context, c) for c in s.candidates],
-                                               share_context=True)  # fmt: skip
-                    lp = [sc.logprob for sc in scores]
-                    best_wrong = max(x for i, x in enumerate(lp) if i != s.answer)
-                    hits += lp[s.answer] > best_wrong
-                    gap += lp[s.answer] - best_wrong
-                acc[di][li] = hits / trials
-                margin[di][li] = gap / trials
+                                    n_candidates, bos=lm.prefix_id, keys=key_gen)  # fmt: skip
+                    lp = _logprobs(lm, s.context, s.candidates)
+                    prior = _logprobs(lm, s.no_needles, s.candidates)
+                    pmi = [a - b for a, b in zip(lp, prior)]
+                    hit, gap = _beats_all(pmi, s.answer)
+                    cell["acc"] += hit / trials
+                    cell["margin"] += gap / trials
+                    cell["acc_raw"] += _beats_all(lp, s.answer)[0] / trials
+                for k, v in cell.items():
+                    grids[k][di][li] = round(v, 6)
+        acc = grids["acc"]
         out[task] = {
             "lengths": list(lengths),
             "depths": list(depths),
-            "acc": acc,
-            "mean_margin": margin,  # log-prob of the answer minus the best wrong one
+            "acc": acc,  # the answer's log-prob gain from the needles beats every wrong one's
+            "acc_raw": grids["acc_raw"],  # plain log-likelihood among the candidates
+            "mean_margin": grids["margin"],  # that gain minus the best wrong candidate's
             "acc_by_length": [
-                sum(row[i] for row in acc) / len(depths) for i in range(len(lengths))
+                round(sum(row[i] for row in acc) / len(depths), 6) for i in range(len(lengths))
             ],
             "chance": 1 / n_candidates,
             "trials": trials,
+            "keys": keys,
         }
     return out
+
+
+def _logprobs(lm: EvalLM, context: list[int], candidates: list[list[int]]) -> list[float]:
+    pairs = [(context, c) for c in candidates]
+    return [sc.logprob for sc in score_token_pairs(lm, pairs, share_context=True)]
+
+
+def _beats_all(scores: list[float], answer: int) -> tuple[bool, float]:
+    best_wrong = max(x for i, x in enumerate(scores) if i != answer)
+    return scores[answer] > best_wrong, scores[answer] - best_wrong
 
 
 def check_grid(
