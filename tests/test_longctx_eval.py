@@ -33,12 +33,16 @@ def hay(tok) -> Haystack:
     return Haystack(tok, _haystack_text()[:200_000])
 
 
+_WORD_LIST = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
+    "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu amber basil "
+    "cedar ember fjord gable harbor jasper kelp lumen maple nectar orbit pebble"
+)
+
+
 def word_tokenizer() -> TextTokenizer:
     """Bytes plus 40 whole words (" word" as one token): enough words for word keys."""
-    words = [" " + w for w in ("alpha bravo charlie delta echo foxtrot golf hotel india juliet "
-             "kilo lima mike november oscar papa quebec romeo sierra tango uniform victor "
-             "whiskey xray yankee zulu amber basil cedar ember fjord gable harbor jasper kelp "
-             "lumen maple nectar orbit pebble").split()]  # fmt: skip  # noqa: SIM905
+    words = [" " + w for w in _WORD_LIST.split()]
     vocab = [bytes([b]).decode("latin-1") for b in range(256)] + words
 
     def encode(text: str) -> list[int]:
