@@ -198,3 +198,14 @@ def test_extend_context_keeps_weights_and_scales_rope(small_data):
     with torch.no_grad():  # dynamic NTK leaves the original length untouched
         assert torch.equal(ext.model(x).logits, model(x).logits)
     assert extend_context(lm, max_seq_len=256).max_len == 256
+
+
+def test_loss_by_position_buckets(tok, hay):
+    from crucible.evaluate.longctx import loss_by_position
+
+    lm = CopyOracle(tok, 256)
+    r = loss_by_position(lm, 256, windows=2, haystack=hay)
+    assert r["buckets"] == [[0, 64], [64, 128], [128, 255]]
+    assert len(r["loss"]) == 3 and all(0 < x < 20 for x in r["loss"])
+    with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
+        loss_by_position(lm, 512, haystack=hay)

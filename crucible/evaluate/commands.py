@@ -79,6 +79,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     lc.add_argument("--trials", type=int, default=10, help="samples per (length, depth) cell")
     lc.add_argument("--candidates", type=int, default=10, help="answers scored per sample")
     lc.add_argument(
+        "--loss-windows",
+        type=int,
+        default=8,
+        help="held-out windows of the longest length for loss by position (0: skip)",
+    )
+    lc.add_argument(
         "--keys",
         choices=["words", "numbers"],
         default="words",
@@ -214,6 +220,8 @@ def _longctx(paths: list[str], args: argparse.Namespace) -> int:
         evaluate_longctx,
         extend_context,
         format_longctx,
+        format_position_loss,
+        loss_by_position,
         parse_rope_scaling,
         plot_longctx,
     )
@@ -232,15 +240,21 @@ def _longctx(paths: list[str], args: argparse.Namespace) -> int:
     results = evaluate_longctx(
         lm, tasks, lengths, depths, args.trials, args.candidates, args.seed, keys=args.keys
     )
+    position_loss = None
+    if args.loss_windows > 0:
+        position_loss = loss_by_position(lm, max(lengths), args.loss_windows, args.seed)
     tag = f"longctx-{args.rope_scaling.replace(':', 'x')}" if args.rope_scaling else "longctx"
     base = default_results_path(info)
     out = Path(args.out) if args.out else base.with_name(f"{base.stem}.{tag}.json")
     config = {"lengths": lengths, "depths": depths, "trials": args.trials,
               "candidates": args.candidates, "keys": args.keys, "seed": args.seed, "max_seq_len": lm.max_len,
               "rope_scaling": args.rope_scaling, "original_len": args.original_len}  # fmt: skip
-    write_results({**info, "config": config, "longctx": results}, out)
+    extra = {"position_loss": position_loss} if position_loss else {}
+    write_results({**info, "config": config, "longctx": results, **extra}, out)
     title = f"{lm.name}" + (f" ({args.rope_scaling})" if args.rope_scaling else "")
     plot = plot_longctx(results, Path(args.plot) if args.plot else out.with_suffix(".png"), title)
     print(format_longctx(results))
+    if position_loss:
+        print(format_position_loss(position_loss))
     print(f"results: {out}\nheatmap: {plot}")
     return 0

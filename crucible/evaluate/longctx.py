@@ -411,3 +411,44 @@ def _rebuilt(model: Any, cfg: Any) -> Any:
     new.load_state_dict(model.state_dict(), assign=True)
     new.init_buffers()
     return new.to(device).eval()
+
+
+def loss_by_position(
+    lm: EvalLM, length: int, windows: int = 8, seed: int = 0, haystack: Haystack | None = None
+) -> dict[str, Any]:
+    """Mean next-token loss on held-out text, by position bucket [0, 64), [64, 128), ... .
+
+    The plainest long-context signal: a model that cannot use (or breaks down at) far positions
+    shows a loss that stops falling, or rises, past the length it was trained at.
+    """
+    import torch
+
+    if length > lm.max_len:
+        raise ValueError(f"position loss at {length} exceeds the model's {lm.max_len} positions")
+    haystack = haystack or Haystack(lm.tokenizer)
+    rng = random.Random(f"{seed}/loss/{length}")
+    edges = [0, 64]
+    while edges[-1] < length - 1:
+        edges.append(min(edges[-1] * 2, length - 1))
+    sums, counts = [0.0] * (len(edges) - 1), [0] * (len(edges) - 1)
+    with lm.eval_mode():
+        for _ in range(windows):
+            ids = torch.tensor([haystack.window(length, rng)])
+            logits = lm.logits(ids[:, :-1])[0]
+            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+            for b in range(len(edges) - 1):
+                part = nll[edges[b] : edges[b + 1]]
+                sums[b] += float(part.sum())
+                counts[b] += part.numel()
+    return {
+        "length": length,
+        "windows": windows,
+        "buckets": [[edges[b], edges[b + 1]] for b in range(len(edges) - 1)],
+        "loss": [round(s / max(c, 1), 6) for s, c in zip(sums, counts)],
+    }
+
+
+def format_position_loss(r: dict[str, Any]) -> str:
+    head = "  ".join(f"{a}-{b}" for a, b in r["buckets"])
+    vals = "  ".join(f"{x:.3f}" for x in r["loss"])
+    return f"loss by position ({r['windows']} windows of {r['length']}):\n  {head}\n  {vals}"
