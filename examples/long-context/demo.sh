@@ -29,6 +29,8 @@ evaluate runs/lc-stage3 --tasks needle,multikey,vartrack --lengths 256,512,1024 
 evaluate runs/lc-stage3 --tasks needle --lengths 2048,4096 --trials 6 \
   --max-seq-len 4096 --out $OUT/stage3-plain-4096.json --plot $OUT/stage3-plain-4096.png
 evaluate runs/lc-stage3 --tasks needle --lengths 2048 --trials 6 \
+  --max-seq-len 2048 --out $OUT/stage3-plain-2048.json --plot $OUT/stage3-plain-2048.png
+evaluate runs/lc-stage3 --tasks needle --lengths 2048 --trials 6 \
   --rope-scaling yarn:2 --out $OUT/stage3-yarn2.json --plot $OUT/stage3-yarn2.png
 evaluate runs/lc-stage3 --tasks needle --lengths 2048,4096 --trials 6 \
   --rope-scaling yarn:4 --out $OUT/stage3-yarn4.json --plot $OUT/stage3-yarn4.png
