@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU demonstration of docs/long-context.md: three training stages, then long-context
 # evaluation before and after the extension and with YaRN at 2x and 4x the trained length.
-# Run from the repository root; results go to docs/results/long-context/.
+# Run from the repository root (without earlier runs/lc-stage*; SKIP_TRAIN=1 only evaluates);
+# results go to docs/results/long-context/.
 set -euo pipefail
 export OMP_NUM_THREADS=1
 OUT=docs/results/long-context
