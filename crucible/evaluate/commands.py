@@ -3,6 +3,9 @@
 crucible eval PATH [PATH...] --tasks early,hellaswag=data/hs.jsonl [--limit N] [--out F]
 crucible eval compare A.json B.json [...]     (or run directories: their latest results)
 crucible eval audit RUN [RUN...] [--plot audit.png]
+crucible eval longctx PATH [--tasks needle,multikey,vartrack] [--lengths 256,512,1024]
+    [--depths 0,0.25,0.5,0.75,1] [--trials N] [--candidates N] [--keys words|numbers]
+    [--max-seq-len N] [--rope-scaling yarn:4 [--original-len N]] [--out F] [--plot F]
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any
 
 EVAL_HELP = (
     "evaluate run directories, checkpoints or local Hugging Face models (`eval PATH --tasks`), "
-    "compare results (`eval compare`), or audit tasks across seeds (`eval audit RUNS`)"
+    "compare results (`eval compare`), audit tasks across seeds (`eval audit RUNS`), or run "
+    "long-context retrieval tasks over lengths and depths (`eval longctx PATH`)"
 )
 
 
@@ -26,12 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "paths",
         nargs="+",
         metavar="PATH",
-        help="models to evaluate, or `compare FILES...`, or `audit RUNS...`",
+        help="models to evaluate, or `compare FILES...`, `audit RUNS...`, `longctx PATH`",
     )
     p.add_argument(
         "--tasks",
-        default="early",
-        help="comma-separated task names, groups (early, builtin) or NAME=FILE",
+        default=None,
+        help="comma-separated task names, groups (early, builtin) or NAME=FILE (default early); "
+        "longctx: needle, multikey, vartrack (default all three)",
     )
     p.add_argument("--checkpoint", default=None, help="a checkpoint of the run (default latest)")
     p.add_argument(
@@ -71,7 +76,36 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "without isolation it can read and write your files and use the network",
     )
     p.add_argument("--out", default=None, help="results JSON (default: beside the model)")
-    p.add_argument("--plot", default=None, help="audit: where to save the score-vs-tokens plot")
+    p.add_argument(
+        "--plot", default=None, help="audit: score-vs-tokens plot; longctx: the heatmap (PNG)"
+    )
+    lc = p.add_argument_group("long context (eval longctx)")
+    lc.add_argument("--lengths", default="256,512,1024", help="sequence lengths in tokens")
+    lc.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+    lc.add_argument("--trials", type=int, default=10, help="samples per (length, depth) cell")
+    lc.add_argument("--candidates", type=int, default=10, help="answers scored per sample")
+    lc.add_argument(
+        "--loss-windows",
+        type=int,
+        default=8,
+        help="held-out windows of the longest length for loss by position (0: skip)",
+    )
+    lc.add_argument(
+        "--keys",
+        choices=["words", "numbers"],
+        default="words",
+        help="values to retrieve: single-token words (default) or 5-digit numbers",
+    )
+    lc.add_argument("--max-seq-len", type=int, default=None, help="positions to allow")
+    lc.add_argument(
+        "--rope-scaling", default=None, metavar="TYPE:FACTOR", help="e.g. yarn:4, dynamic:2"
+    )
+    lc.add_argument(
+        "--original-len",
+        type=int,
+        default=None,
+        help="length the scaling starts from (default: the model's max_seq_len)",
+    )
     p.set_defaults(func=run_command)
     return p
 
@@ -82,6 +116,8 @@ def run_command(args: argparse.Namespace) -> int:
         return _compare(rest)
     if head == "audit":
         return _audit(rest, args.plot)
+    if head == "longctx":
+        return _longctx(rest, args)
     return _evaluate(args)
 
 
@@ -126,12 +162,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     for path, ckpt in targets:
         lm, info = load_eval_model(path, ckpt, args.device, args.backend)
         tasks = evaluate_tasks(
-            lm, [args.tasks], limit=args.limit, seed=args.seed, data_dir=args.data_dir,
+            lm, [args.tasks or "early"], limit=args.limit, seed=args.seed, data_dir=args.data_dir,
             batch_size=args.batch_size, overrides=_overrides(args),
         )  # fmt: skip
         result = {
             **info,
-            "config": {"tasks": args.tasks, "limit": args.limit, "seed": args.seed,
+            "config": {"tasks": args.tasks or "early", "limit": args.limit, "seed": args.seed,
                        "batch_size": args.batch_size, **_overrides(args)},
             "tasks": tasks,
         }  # fmt: skip
@@ -174,4 +210,59 @@ def _audit(runs: list[str], plot: str | None) -> int:
     print(format_audit(stats))
     out = Path(plot) if plot else dirs[0].parent / "eval_audit.png"
     print(f"plot: {plot_audit(dirs, out)}")
+    return 0
+
+
+def _numbers(flag: str, text: str, kind: type) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _longctx(paths: list[str], args: argparse.Namespace) -> int:
+    from crucible.evaluate.load import load_eval_model
+    from crucible.evaluate.longctx import (
+        LONGCTX_TASKS,
+        check_grid,
+        evaluate_longctx,
+        extend_context,
+        format_longctx,
+        format_position_loss,
+        loss_by_position,
+        parse_rope_scaling,
+        plot_longctx,
+    )
+    from crucible.evaluate.results import default_results_path, write_results
+
+    if len(paths) != 1:
+        raise ValueError("eval longctx takes one run directory, checkpoint or HF directory")
+    tasks = args.tasks.split(",") if args.tasks else list(LONGCTX_TASKS)
+    lengths = _numbers("--lengths", args.lengths, int)
+    depths = _numbers("--depths", args.depths, float)
+    if args.rope_scaling:
+        parse_rope_scaling(args.rope_scaling)  # a malformed flag fails before loading anything
+    lm, info = load_eval_model(paths[0], args.checkpoint, args.device, args.backend)
+    lm = extend_context(lm, args.max_seq_len, args.rope_scaling, args.original_len)
+    check_grid(lm, tasks, lengths, depths, args.candidates)
+    results = evaluate_longctx(
+        lm, tasks, lengths, depths, args.trials, args.candidates, args.seed, keys=args.keys
+    )
+    position_loss = None
+    if args.loss_windows > 0:
+        position_loss = loss_by_position(lm, max(lengths), args.loss_windows, args.seed)
+    tag = f"longctx-{args.rope_scaling.replace(':', 'x')}" if args.rope_scaling else "longctx"
+    base = default_results_path(info)
+    out = Path(args.out) if args.out else base.with_name(f"{base.stem}.{tag}.json")
+    config = {"lengths": lengths, "depths": depths, "trials": args.trials,
+              "candidates": args.candidates, "keys": args.keys, "seed": args.seed, "max_seq_len": lm.max_len,
+              "rope_scaling": args.rope_scaling, "original_len": args.original_len}  # fmt: skip
+    extra = {"position_loss": position_loss} if position_loss else {}
+    write_results({**info, "config": config, "longctx": results, **extra}, out)
+    title = f"{lm.name}" + (f" ({args.rope_scaling})" if args.rope_scaling else "")
+    plot = plot_longctx(results, Path(args.plot) if args.plot else out.with_suffix(".png"), title)
+    print(format_longctx(results))
+    if position_loss:
+        print(format_position_loss(position_loss))
+    print(f"results: {out}\nheatmap: {plot}")
     return 0
