@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import traceback
 from pathlib import Path
 
-from crucible.config import ConfigError, dump_config, load_config, preset_names
+from crucible.argtypes import fraction, nonneg_float, nonneg_int, positive_int
+from crucible.config import ConfigError, config_warnings, dump_config, load_config, preset_names
 
 CONFIG_HELP = (
     "a YAML config file or a shipped preset name ({}). A file may start with `base: PRESET` "
@@ -25,6 +27,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from crucible.train.distributed import finish, launched_by_torchrun
 
     cfg = load_config(args.config, args.overrides)
+    _warn(cfg, "train")
     if args.supervise:
         from crucible.train.supervisor import supervise
 
@@ -35,6 +38,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if launched_by_torchrun():
         finish(0)
     return 0
+
+
+def _warn(cfg, command: str) -> None:
+    for line in config_warnings(cfg):
+        print(f"crucible {command}: warning: {line}", file=sys.stderr)
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
@@ -75,11 +83,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from crucible.model import export_hf
+    from crucible.model.hf import check_export_dir
     from crucible.runs import load_run_model
 
     run_dir = Path(args.run_dir)
-    model, _, ckpt = load_run_model(run_dir, args.checkpoint)
     out = Path(args.out) if args.out else run_dir / "hf"
+    check_export_dir(out, protect=[run_dir], flag="--out")
+    model, _, ckpt = load_run_model(run_dir, args.checkpoint)
     tok = run_dir / "tokenizer.json"
     chat = run_dir / "chat_template.jinja"  # chat models (SFT runs) ship their template
     export_hf(
@@ -121,7 +131,9 @@ def _cmd_count_params(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    print(dump_config(load_config(args.config, args.overrides)), end="")
+    cfg = load_config(args.config, args.overrides)
+    _warn(cfg, "config")
+    print(dump_config(cfg), end="")
     return 0
 
 
@@ -134,9 +146,16 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `crucible CMD: error: ... (see --help)`."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     presets = ", ".join(preset_names())
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="crucible",
         description="Crucible: plan, tokenize, pretrain, evaluate and export small LLMs.",
         epilog="Start with `crucible quickstart`; every command has its own --help.",
@@ -167,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "when it crashes, with exponential backoff (see --max-restarts, --backoff)",
     )
     p.add_argument(
-        "--max-restarts", type=int, default=5, help="--supervise: restarts before giving up"
+        "--max-restarts", type=nonneg_int, default=5, help="--supervise: restarts before giving up"
     )
     p.add_argument(
         "--backoff",
@@ -195,11 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=positive_int, default=100)
+    p.add_argument("--temperature", type=nonneg_float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=positive_int, default=None, help="keep the k most likely tokens")
+    p.add_argument(
+        "--top-p", type=fraction, default=None, help="nucleus sampling threshold, in (0, 1]"
+    )
+    p.add_argument("--num-samples", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="step_N directory (default: latest)")
     p.set_defaults(func=_cmd_generate)
@@ -257,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_USER_OS_ERRORS = {
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC,
+    errno.EEXIST, errno.EDQUOT,
+}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     """Exit codes: 0 done; 2 a user error (one line); 1 an internal error (traceback);
     75 stopped by SIGTERM/SIGINT after a checkpoint; 3 diverged (the guards gave up)."""
@@ -272,6 +299,13 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("CRUCIBLE_DEBUG"):
             raise
         print(f"crucible {args.command}: error: {e}", file=sys.stderr)
+        code = 2
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS or os.environ.get("CRUCIBLE_DEBUG"):
+            raise
+        # The environment refused a read or write (read-only mount, no permission, disk full).
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"crucible {args.command}: error: {where}{e.strerror}", file=sys.stderr)
         code = 2
     except TrainingStopped as e:
         print(f"crucible {args.command}: {e}", file=sys.stderr)

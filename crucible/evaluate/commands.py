@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from crucible.argtypes import nonneg_int, positive_int
+
 EVAL_HELP = (
     "evaluate run directories, checkpoints or local Hugging Face models (`eval PATH --tasks`), "
     "compare results (`eval compare`), or audit tasks across seeds (`eval audit RUNS`)"
@@ -39,8 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate every complete checkpoint of each run",
     )
-    p.add_argument("--limit", type=int, default=None, help="documents per task (fixed subset)")
-    p.add_argument("--fewshot", type=int, default=None, help="override few-shot examples")
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="documents per task (fixed subset)"
+    )
+    p.add_argument("--fewshot", type=nonneg_int, default=None, help="override few-shot examples")
     p.add_argument(
         "--formulation",
         choices=["cf", "mcf"],
@@ -50,12 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--pmi", action="store_true", help="also compute acc_pmi (2x the cost)")
     p.add_argument(
         "--samples",
-        type=int,
+        type=positive_int,
         default=None,
         help="generations per problem for pass@k / maj@k (sampled, temperature 0.8)",
     )
     p.add_argument("--data-dir", default=None, help="directory with <task>.jsonl benchmark files")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -119,6 +123,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from crucible.evaluate.results import default_results_path, format_table, write_results
     from crucible.evaluate.suite import evaluate_tasks
 
+    _check_tasks(args)
     targets = _targets(args)
     if args.out and len(targets) > 1:
         raise ValueError("--out names one file; drop it to write one results file per checkpoint")
@@ -142,6 +147,40 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 1 if any_error else 0
 
 
+def _check_tasks(args: argparse.Namespace) -> None:
+    """Before any model is loaded: every task name is known, and a NAME=FILE task's file reads
+    and yields records (a file whose records all lack the benchmark's fields is an error; some
+    invalid records are a warning)."""
+    import sys
+
+    from crucible.config import ConfigError
+    from crucible.evaluate.benchmarks import BENCHMARKS, build_benchmark, read_records
+    from crucible.evaluate.suite import GROUPS, expand, task_names
+
+    for spec in expand([args.tasks]):
+        name, _, source = spec.partition("=")
+        if name not in task_names():
+            import difflib
+
+            close = difflib.get_close_matches(name, [*task_names(), *GROUPS], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"--tasks: unknown task {name!r}{hint}; known: {', '.join(task_names())}; "
+                f"groups: {', '.join(GROUPS)}"
+            )
+        if source and name in BENCHMARKS:
+            task = build_benchmark(name, read_records(source))
+            if not task.docs:
+                why = f" ({task.invalid_examples[0]})" if task.invalid_examples else ""
+                raise ConfigError(f"--tasks {name}={source}: no usable {name} records{why}")
+            if task.invalid:
+                print(
+                    f"crucible eval: warning: {source}: {task.invalid} of "
+                    f"{task.invalid + len(task.docs)} records skipped ({task.invalid_examples[0]})",
+                    file=sys.stderr,
+                )
+
+
 def _results_file(path: str) -> Path:
     p = Path(path)
     if p.is_dir():
@@ -159,7 +198,13 @@ def _compare(paths: list[str]) -> int:
 
     if len(paths) < 2:
         raise ValueError("eval compare needs two or more results files or run directories")
-    results = [json.loads(_results_file(p).read_text()) for p in paths]
+    results = []
+    for p in paths:
+        f = _results_file(p)
+        try:
+            results.append(json.loads(f.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}:{e.lineno}: not a results JSON ({e.msg})") from None
     print(compare_table(results))
     return 0
 
@@ -170,6 +215,9 @@ def _audit(runs: list[str], plot: str | None) -> int:
     if not runs:
         raise ValueError("eval audit needs run directories")
     dirs = [Path(r) for r in runs]
+    for d in dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: no such run directory")
     stats = audit(dirs)
     print(format_audit(stats))
     out = Path(plot) if plot else dirs[0].parent / "eval_audit.png"

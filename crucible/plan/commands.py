@@ -13,6 +13,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from crucible.argtypes import fraction, nonneg_float, nonneg_int, positive_float, positive_int
+from crucible.plan.budget import DEFAULT_MFU
+
 CONFIG_HELP = "a YAML config file or a shipped preset name (see `crucible presets`)"
 OVERRIDES_HELP = "dotted overrides, e.g. model.num_layers=24 train.seq_len=8192"
 
@@ -38,6 +41,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from crucible.plan.memory import Layout
     from crucible.plan.report import PlanRequest, plan_markdown
 
+    if args.budget_cost and args.price is None:
+        raise ValueError("--budget-cost needs --price (the price per GPU-hour)")
     cfg = load_config(args.config, args.overrides)
     seq = args.seq_len or cfg.train.seq_len
     mbs = args.micro_batch or cfg.train.micro_batch_size
@@ -67,6 +72,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         moe=_moe(args),
         search=args.search,
         top=args.top,
+        flops=args.flops,
+        params=args.params,
     )
     print(plan_markdown(cfg, req), end="")
     return 0
@@ -131,7 +138,10 @@ def _cmd_compass(args: argparse.Namespace) -> int:
     brief = load_brief(Path(args.brief)) if args.brief else ask()
     text = decide(brief)
     if args.out:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
         print(f"decision record written to {args.out}", file=sys.stderr)
     else:
         print(text, end="")
@@ -161,29 +171,64 @@ def _plan_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     g = p.add_argument_group("hardware and budget")
     g.add_argument("--gpu", default="H100 SXM", help="accelerator (`crucible hardware` lists them)")
-    g.add_argument("--gpus", type=int, default=None, help="GPU count (default: the layout's)")
-    g.add_argument("--days", type=float, default=None, help="solve for the GPU count instead")
-    g.add_argument("--tokens", type=float, default=None, help="default: steps x tokens per step")
-    g.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation (0.35)")
-    g.add_argument("--price", type=float, default=None, help="price per GPU-hour, for the cost")
+    g.add_argument(
+        "--gpus", type=positive_int, default=None, help="GPU count (default: the layout's)"
+    )
+    g.add_argument(
+        "--days", type=positive_float, default=None, help="solve for the GPU count instead"
+    )
+    g.add_argument(
+        "--tokens", type=positive_float, default=None, help="default: steps x tokens per step"
+    )
+    g.add_argument(
+        "--mfu",
+        type=fraction,
+        default=DEFAULT_MFU,
+        help=f"model FLOPs utilisation against the dense peak ({DEFAULT_MFU}; docs/planning.md "
+        "compares it with published runs)",
+    )
+    g.add_argument(
+        "--flops",
+        choices=("6N+attention", "6N"),
+        default="6N+attention",
+        help="FLOPs per token: 6N plus causal attention (default), or 6N alone (the playbook's "
+        "and Chinchilla's count)",
+    )
+    g.add_argument(
+        "--params",
+        type=positive_float,
+        default=None,
+        help="N of 6N, e.g. 3e9, instead of the config's matmul parameter count",
+    )
+    g.add_argument(
+        "--price", type=nonneg_float, default=None, help="price per GPU-hour, for the cost"
+    )
     g.add_argument(
         "--peak-tflops",
-        type=float,
+        type=positive_float,
         default=None,
         help="MFU denominator instead of the table's dense bf16 peak (with --memory-gib: a "
         "card the table lacks)",
     )
-    g.add_argument("--memory-gib", type=float, default=None, help="memory of an unlisted card")
-    g.add_argument("--budget-gpu-hours", type=float, default=None, help="tokens for this budget")
-    g.add_argument("--budget-cost", type=float, default=None, help="...or this cost (--price)")
+    g.add_argument(
+        "--memory-gib", type=positive_float, default=None, help="memory of an unlisted card"
+    )
+    g.add_argument(
+        "--budget-gpu-hours", type=positive_float, default=None, help="tokens for this budget"
+    )
+    g.add_argument(
+        "--budget-cost", type=positive_float, default=None, help="...or this cost (--price)"
+    )
     g = p.add_argument_group("layout")
-    g.add_argument("--dp", type=int, default=None, help="data parallel (default: GPUs / others)")
-    g.add_argument("--tp", type=int, default=1, help="tensor parallel")
-    g.add_argument("--pp", type=int, default=1, help="pipeline parallel")
-    g.add_argument("--cp", type=int, default=1, help="context parallel")
+    g.add_argument(
+        "--dp", type=positive_int, default=None, help="data parallel (default: GPUs / others)"
+    )
+    g.add_argument("--tp", type=positive_int, default=1, help="tensor parallel")
+    g.add_argument("--pp", type=positive_int, default=1, help="pipeline parallel")
+    g.add_argument("--cp", type=positive_int, default=1, help="context parallel")
     g.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage")
-    g.add_argument("--micro-batch", type=int, default=None, help="default: the config's")
-    g.add_argument("--seq-len", type=int, default=None, help="default: the config's")
+    g.add_argument("--micro-batch", type=positive_int, default=None, help="default: the config's")
+    g.add_argument("--seq-len", type=positive_int, default=None, help="default: the config's")
     g.add_argument("--recompute", default="none", choices=("none", "selective", "full"))
     g.add_argument(
         "--precision",
@@ -193,12 +238,14 @@ def _plan_parser(sub) -> None:
         "weights under bf16 autocast (crucible's trainer, 16 B/param + bf16 copies)",
     )
     g.add_argument("--search", action="store_true", help="rank every layout that fits")
-    g.add_argument("--top", type=int, default=5, help="layouts to show with --search")
+    g.add_argument("--top", type=positive_int, default=5, help="layouts to show with --search")
     g = p.add_argument_group("mixture of experts (replaces every MLP)")
-    g.add_argument("--experts", type=int, default=0, help="number of routed experts")
-    g.add_argument("--top-k", type=int, default=2, help="experts per token")
-    g.add_argument("--expert-intermediate", type=int, default=None, help="expert SwiGLU width")
-    g.add_argument("--shared-experts", type=int, default=0, help="always-on experts")
+    g.add_argument("--experts", type=nonneg_int, default=0, help="number of routed experts")
+    g.add_argument("--top-k", type=positive_int, default=2, help="experts per token")
+    g.add_argument(
+        "--expert-intermediate", type=positive_int, default=None, help="expert SwiGLU width"
+    )
+    g.add_argument("--shared-experts", type=nonneg_int, default=0, help="always-on experts")
     p.set_defaults(func=_cmd_plan)
 
 
@@ -227,10 +274,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--gpu", default="H100 SXM")
     p.add_argument("--dtype", default="bf16")
-    p.add_argument("--micro-batch", type=int, default=None)
-    p.add_argument("--decode-batch", type=int, default=1, help="sequences per decode step")
+    p.add_argument("--micro-batch", type=positive_int, default=None)
+    p.add_argument("--decode-batch", type=positive_int, default=1, help="sequences per decode step")
     p.add_argument(
-        "--peak-tflops", type=float, default=None, help="a measured ceiling (e.g. 720 on H100)"
+        "--peak-tflops",
+        type=positive_float,
+        default=None,
+        help="a measured ceiling (e.g. 720 on H100)",
     )
     p.set_defaults(func=_cmd_roofline)
 
