@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _number(kind: type, test: Callable[[float], bool], allowed: str) -> Callable[[str], float]:
@@ -65,3 +68,19 @@ def removed_on_failure(path: str | os.PathLike[str]) -> Iterator[None]:
         elif not existed and p.exists():
             p.unlink()
         raise
+
+
+JSON_HELP = "also write the results as JSON to PATH (`-`: standard output)"
+
+
+def write_json_arg(path: str | os.PathLike[str], payload: Any) -> None:
+    """What `--json PATH` means in every command: the results as JSON at PATH, written to a
+    temporary name and renamed; `-` prints them to standard output instead."""
+    text = json.dumps(payload, indent=1, default=str) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        return
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, out)

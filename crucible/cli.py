@@ -278,6 +278,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Old command names, kept for one release: (old argv prefix, new argv prefix).
+DEPRECATED = {
+    "hardware": ["plan", "hardware"],
+    "roofline": ["plan", "roofline"],
+    "compass": ["plan", "compass"],
+    "scaling": ["plan", "scaling"],
+}
+
+
+def rewrite_deprecated(argv: list[str]) -> list[str]:
+    """`crucible hardware ...` -> `crucible plan hardware ...` (and `plan CONFIG` -> `plan model
+    CONFIG`), with a note on stderr; other command lines are returned as they are."""
+    from crucible.plan.commands import PLAN_COMMANDS
+
+    new = None
+    if argv and argv[0] in DEPRECATED:
+        new = [*DEPRECATED[argv[0]], *argv[1:]]
+    elif len(argv) > 1 and argv[0] == "plan" and argv[1] not in (*PLAN_COMMANDS, "-h", "--help"):
+        new = ["plan", "model", *argv[1:]]
+    if new is None:
+        return argv
+    old_name = " ".join(argv[:1] if argv[0] != "plan" else ["plan", "CONFIG"])
+    new_name = " ".join(new[:2])
+    print(
+        f"crucible: note: `crucible {old_name}` is deprecated and will be removed in the next "
+        f"release; use `crucible {new_name}`",
+        file=sys.stderr,
+    )
+    return new
+
+
 _USER_OS_ERRORS = {
     errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC,
     errno.EEXIST, errno.EDQUOT,
@@ -291,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     from crucible.train.errors import TrainingStopped
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = rewrite_deprecated(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)

@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from crucible.argtypes import fraction, nonneg_int, positive_float, positive_int
+from crucible.argtypes import JSON_HELP, fraction, nonneg_int, positive_float, positive_int
 from crucible.infra.results import Table, tables_json, to_markdown, write_json
 
 GPU_HELP = "compare with this table entry instead of the detected card (`crucible hardware`)"
@@ -25,7 +25,8 @@ def _emit(tables: list[Table], args: argparse.Namespace, extra: dict[str, Any]) 
             args.json,
             {"command": f"bench {args.bench_command}", **extra, "tables": tables_json(tables)},
         )
-        print(f"\nwrote {args.json}", file=sys.stderr)
+        if args.json != "-":
+            print(f"\nwrote {args.json}", file=sys.stderr)
 
 
 def _device(args: argparse.Namespace):
@@ -180,7 +181,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print(report_markdown(report), end="")
     if args.json:
         write_json(args.json, report.to_json())
-        print(f"\nwrote {args.json}", file=sys.stderr)
+        if args.json != "-":
+            print(f"\nwrote {args.json}", file=sys.stderr)
     return 0 if report.ok else 1
 
 
@@ -188,7 +190,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    p.add_argument("--json", default=None, metavar="PATH", help=JSON_HELP)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -295,5 +297,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu", default=None, help=GPU_HELP)
     p.add_argument("--threshold", type=fraction, default=0.5, help="fail below this share of table")
     p.add_argument("--min-time", type=positive_float, default=0.3, help="seconds per timing")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the report here")
+    p.add_argument("--json", default=None, metavar="PATH", help=JSON_HELP)
     p.set_defaults(func=_cmd_doctor)

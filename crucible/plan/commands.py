@@ -1,5 +1,7 @@
-"""Command-line entry points of the planner: `register(subparsers)` adds
-`plan`, `hardware`, `roofline`, `compass` and `scaling` to the `crucible` parser.
+"""Command-line entry points of the planner: `register(subparsers)` adds the `plan` group to the
+`crucible` parser: `plan model`, `plan hardware`, `plan roofline`, `plan compass` and
+`plan scaling fit`. The old top-level names (`crucible hardware` ..., and `crucible plan CONFIG`)
+are rewritten to these by `crucible.cli.main` for one release, with a deprecation note.
 
 Each handler returns an exit code; errors are ValueError subclasses with a message meant for the
 user (the CLI prints them without a traceback).
@@ -8,12 +10,19 @@ user (the CLI prints them without a traceback).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from crucible.argtypes import fraction, nonneg_float, nonneg_int, positive_float, positive_int
+from crucible.argtypes import (
+    JSON_HELP,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    write_json_arg,
+)
 from crucible.plan.budget import DEFAULT_MFU
 
 CONFIG_HELP = "a YAML config file or a shipped preset name (see `crucible presets`)"
@@ -84,8 +93,9 @@ def _cmd_hardware(args: argparse.Namespace) -> int:
 
     accs = [find_accelerator(args.name)] if args.name else list(ACCELERATORS)
     if args.json:
-        print(json.dumps([asdict(a) for a in accs], indent=1))
-        return 0
+        write_json_arg(args.json, [asdict(a) for a in accs])
+        if args.json == "-":
+            return 0
     print("Dense peaks (TFLOP/s; 2:4 sparse figures are twice these and never used for MFU)\n")
     print("| accelerator | bf16 | fp8 | tf32 | fp32 | memory GiB | HBM GB/s | ridge bf16 | link |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -157,7 +167,7 @@ def _cmd_scaling_fit(args: argparse.Namespace) -> int:
 
 def _plan_parser(sub) -> None:
     p = sub.add_parser(
-        "plan",
+        "model",
         help="parameters, FLOPs, memory per GPU, GPU-days and cost, parallel layouts",
         description="Plan a run from its config: exact parameters by component (MoE: total and "
         "active), FLOPs per token (6N + attention), KV cache, memory per GPU for a parallel "
@@ -165,7 +175,7 @@ def _plan_parser(sub) -> None:
         "days x cost for the token budget at a stated MFU against the card's dense peak, the "
         "tokens a budget buys, compute-optimal size and tokens, and (--search) the ranked "
         "layouts that fit and reach the config's global batch.",
-        epilog="Example: crucible plan smollm3-3b --gpu h100 --gpus 384 --search",
+        epilog="Example: crucible plan model smollm3-3b --gpu h100 --gpus 384 --search",
     )
     p.add_argument("config", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
@@ -249,8 +259,21 @@ def _plan_parser(sub) -> None:
     p.set_defaults(func=_cmd_plan)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the planner's commands to `crucible`'s subparsers."""
+PLAN_COMMANDS = ("model", "hardware", "roofline", "compass", "scaling")
+
+
+def register(top: argparse._SubParsersAction) -> None:
+    """Add the `plan` group and its commands to `crucible`'s subparsers."""
+    group = top.add_parser(
+        "plan",
+        help="plan a run: model (params, FLOPs, memory, GPUs x days), hardware, roofline, "
+        "compass, scaling",
+        description="The planner. `crucible plan model CONFIG` sizes a run; the other "
+        "subcommands list accelerators, place operations on a roofline, decide whether to "
+        "pretrain, and fit scaling laws.",
+        epilog="Example: crucible plan model smollm3-3b --gpus 384 --tokens 11e12",
+    )
+    subparsers = group.add_subparsers(dest="plan_command", required=True, metavar="SUBCOMMAND")
     _plan_parser(subparsers)
 
     p = subparsers.add_parser(
@@ -260,7 +283,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Peaks are dense; sparse figures are kept apart and never used for MFU.",
     )
     p.add_argument("name", nargs="?", help="one accelerator, e.g. h100 or 'A100 80GB'")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", default=None, metavar="PATH", help=JSON_HELP)
     p.set_defaults(func=_cmd_hardware)
 
     p = subparsers.add_parser(
