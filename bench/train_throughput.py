@@ -24,7 +24,7 @@ import torch
 from crucible.config import ModelConfig
 from crucible.model import Transformer
 from crucible.model.hf import to_hf_config
-from crucible.train.trainer import compile_model
+from crucible.train.setup import compile_model
 
 SHAPES = {
     "tiny": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=688,

@@ -180,6 +180,23 @@ class TrainConfig(_Strict):
     )
     wandb_project: str | None = None
     tensorboard: bool = True
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none",
+        description="Recompute activations in backward: full re-runs whole blocks (keeps only "
+        "each block's input); selective recomputes the SwiGLU tail (silu, product, down "
+        "projection) from the kept gate and up outputs.",
+    )
+    activation_checkpointing_every: int = Field(
+        1, ge=1, description="Checkpoint every N-th block (blocks 0, N, 2N, ...); 1: all."
+    )
+    prefetch: bool = Field(
+        True,
+        description="Build the next step's batches in a background thread while this step "
+        "computes (pinned memory on CUDA); the wait is logged as data_seconds.",
+    )
+    fp8: Literal["none", "tensorwise", "rowwise"] = Field(
+        "none", description="FP8 matmuls through torchao float8 (CUDA, compute capability 8.9+)."
+    )
 
     @property
     def tokens_per_step(self) -> int:
@@ -275,6 +292,8 @@ class SpikeConfig(_Strict):
 class MonitorConfig(_Strict):
     """Monitoring beyond loss: cheap scalars at every log step, details every `every` steps."""
 
+    enabled: bool = Field(True, description="false: no monitoring callback at all.")
+
     every: int = Field(
         100,
         ge=0,
@@ -300,8 +319,33 @@ class FaultConfig(_Strict):
 
 
 class DistributedConfig(_Strict):
+    """Data parallelism (DDP or FSDP2) and tensor parallelism on a (dp, tp) device mesh."""
+
     strategy: Literal["ddp", "fsdp"] = "ddp"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree (ranks per TP group).")
+    dp: int | None = Field(
+        None, ge=1, description="Data-parallel degree; null: world size / tp. dp x tp = world."
+    )
+    sequence_parallel: bool = Field(
+        False, description="With tp > 1: split norms and residuals along the sequence too."
+    )
+    fsdp_param_dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="dtype FSDP2 gathers parameters in (MixedPrecisionPolicy.param_dtype); "
+        "auto: bf16 when train.dtype resolves to bf16, else fp32.",
+    )
+    fsdp_reduce_dtype: Literal["bf16", "fp32"] = Field(
+        "fp32", description="dtype FSDP2 reduce-scatters gradients in."
+    )
+    fsdp_reshard_after_forward: bool = Field(
+        True,
+        description="Free gathered parameters after each block's forward (ZeRO-3); false keeps "
+        "them until backward (ZeRO-2-like: more memory, no second all-gather).",
+    )
+    fsdp_prefetch: int = Field(
+        1, ge=0, description="Blocks whose all-gather is issued ahead (forward and backward)."
+    )
     timeout_minutes: float = Field(
         30.0, gt=0, description="Collective timeout: how long ranks wait for a lost peer."
     )

@@ -108,7 +108,7 @@ def test_nonfinite_steps_change_nothing_and_escalate(small_overrides):
     _assert_equal_weights(opt_a, opt_b)
     streak = "[" + ", ".join(f"{{step: {s}, kind: nan_loss}}" for s in range(2, 6)) + "]"
     c = load_config("tiny", [*common, "name=c", "spikes.escalate_after=3", f"faults={streak}"])
-    with pytest.raises(Diverged, match="no checkpoint before step 2"):
+    with pytest.raises(Diverged, match="no checkpoint before step 1"):
         train(c, quiet=True)
     assert list_checkpoints(c.run_dir / "checkpoints") == []
     kinds = [(r["step"], r["kind"], r["action"]) for r in _events(c.run_dir, "incident")]
@@ -362,3 +362,52 @@ def test_supervisor_survives_20_random_kills_bitwise(small_overrides, tmp_path):
     _assert_equal_weights(_weights(tmp_path / "runs/ref", 120), _weights(run_dir, 120))
     steps = [r["step"] for r in _events(run_dir, "train")]
     assert steps == list(range(1, 121))
+
+
+# ----------------------------------------------------------------------------- monitoring
+
+
+def test_throughput_drop_alert_names_the_data_loader(small_overrides):
+    """A loader that suddenly waits raises one alert whose probable cause is data loading."""
+    from crucible.train.callbacks.monitoring import MonitorCallback
+    from crucible.train.state import StepResult
+
+    cfg = load_config("tiny", [*small_overrides, "train.log_every=1"])
+    logged: list[tuple[str, dict]] = []
+
+    class FakeRun:
+        def __init__(self):
+            self.cfg, self.tokens_per_step = cfg, 512
+            self.device = torch.device("cpu")
+
+        def log(self, event, step, **values):
+            logged.append((event, values))
+
+        def say(self, *a, **k):
+            pass
+
+    run = FakeRun()
+    mon = MonitorCallback(run)
+    for step in range(1, 40):
+        slow = step >= 30
+        res = StepResult(step=step, lr=1e-3, loss=3.0, z_loss=1.0, grad_norm=1.0,
+                         data_seconds=0.5 if slow else 0.001, compute_seconds=0.01)  # fmt: skip
+        mon.on_step_end(run, res)
+    alerts = [v for e, v in logged if e == "alert"]
+    assert len(alerts) == 1 and alerts[0]["kind"] == "throughput_drop"
+    assert alerts[0]["cause"].startswith("data loading")
+
+
+def test_tensorboard_scalars_after_the_resume_step_are_superseded(small_overrides):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = [*small_overrides, *FAST, "name=tb", "train.tensorboard=true", "train.log_every=1",
+              "checkpoint.every=3"]  # fmt: skip
+    with pytest.raises(RuntimeError):
+        train(load_config("tiny", [*common, "train.steps=6", "faults=[{step: 5, kind: crash}]"]),
+              quiet=True)  # fmt: skip
+    train(load_config("tiny", [*common, "train.steps=6"]), resume=True, quiet=True)
+    acc = EventAccumulator(str(tmp_tb := Path(load_config("tiny", common).run_dir / "tensorboard")))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == [1, 2, 3, 4, 5, 6], (steps, tmp_tb)

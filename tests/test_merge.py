@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from crucible.config import ConfigError, dump_config, load_config
 from crucible.model import Transformer
 from crucible.posttrain.merge_config import load_specs
 from crucible.runs import load_run_model
+from crucible.train.checkpoint import save_weights_checkpoint
 
 SMALL_MODEL = ["model.vocab_size=512", "model.hidden_size=64", "model.num_layers=2",
                "model.num_heads=4", "model.num_kv_heads=2", "model.intermediate_size=128",
@@ -38,13 +38,10 @@ def make_run(root: Path, name: str, seed: int, tokenizer: Path, overrides=()) ->
     torch.manual_seed(seed)
     model = Transformer(cfg.model)
     run = root / name
-    ckpt = run / "checkpoints" / "step_000010"
-    ckpt.mkdir(parents=True)
+    run.mkdir(parents=True)
     (run / "config.yaml").write_text(dump_config(cfg))
     shutil.copyfile(tokenizer, run / "tokenizer.json")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(ckpt / "model.safetensors"))  # fmt: skip
-    (ckpt / "state.json").write_text(json.dumps({"format": 1, "step": 10}))
+    save_weights_checkpoint(run / "checkpoints" / "step_000010", model.state_dict(), {"step": 10})
     return run
 
 

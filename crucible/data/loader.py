@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crucible.data.prefetch import Prefetcher
 from crucible.data.shards import ShardSet
 
 STATE_VERSION = 1
@@ -111,10 +112,26 @@ class StepIterator:
     """Iteration for loaders whose batches are a pure function of the step (`step_batches`)."""
 
     step: int
+    _prefetcher: Prefetcher | None = None
+
+    def enable_prefetch(self, pin_memory: bool = False) -> None:
+        """Build the next step's batches in a background thread (see `crucible.data.prefetch`)."""
+        if self._prefetcher is None:
+            self._prefetcher = Prefetcher(self.step_batches, pin_memory)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
 
     def next_step(self) -> list[Batch]:
-        batches = self.step_batches(self.step)  # type: ignore[attr-defined]
-        self.step += 1
+        step = self.step
+        if self._prefetcher is None:
+            batches = self.step_batches(step)  # type: ignore[attr-defined]
+        else:
+            batches = self._prefetcher.take(step)
+            self._prefetcher.start(step + 1)
+        self.step = step + 1
         return batches
 
     def __iter__(self) -> StepIterator:

@@ -53,11 +53,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.budget_cost and args.price is None:
         raise ValueError("--budget-cost needs --price (the price per GPU-hour)")
     cfg = load_config(args.config, args.overrides)
+    trainer = bool(args.write_config or args.trainer_only)
     seq = args.seq_len or cfg.train.seq_len
     mbs = args.micro_batch or cfg.train.micro_batch_size
     gpus = args.gpus
     dp = args.dp or (gpus // (args.tp * args.pp * args.cp) if gpus else 1)
-    layout = Layout(dp, args.tp, args.pp, args.cp, args.zero, mbs, seq, 1, args.recompute)
+    layout = Layout(dp, args.tp, args.pp, args.cp, args.zero, mbs, seq, 1, args.recompute,
+                    recompute_every=args.recompute_every)  # fmt: skip
     if gpus and layout.world_size != gpus:
         raise ValueError(
             f"layout DP={dp} x TP={args.tp} x PP={args.pp} x CP={args.cp} = "
@@ -65,7 +67,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         )
     per_step = dp * mbs
     accum = max(1, cfg.train.global_batch_size // per_step)
-    layout = Layout(dp, args.tp, args.pp, args.cp, args.zero, mbs, seq, accum, args.recompute)
+    layout = Layout(dp, args.tp, args.pp, args.cp, args.zero, mbs, seq, accum, args.recompute,
+                    recompute_every=args.recompute_every)  # fmt: skip
     req = PlanRequest(
         accelerator=_accelerator(args),
         layout=layout,
@@ -77,15 +80,52 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         peak_tflops=args.peak_tflops,
         budget_gpu_hours=args.budget_gpu_hours,
         budget_cost=args.budget_cost,
-        precision=args.precision,
+        precision=args.precision or ("autocast" if trainer else "mixed"),
         moe=_moe(args),
         search=args.search,
         top=args.top,
         flops=args.flops,
         params=args.params,
+        trainer_only=args.trainer_only,
     )
     print(plan_markdown(cfg, req), end="")
+    if args.write_config:
+        _write_config(cfg, req, Path(args.write_config))
     return 0
+
+
+def _write_config(cfg, req, path: Path) -> None:
+    """The chosen layout (the best one the trainer runs with --search, else the flags') as a
+    training config, written to a temporary file and renamed into place."""
+    from crucible.config import dump_config
+    from crucible.plan.search import Cluster, search_layouts
+    from crucible.plan.trainer_layouts import as_trainer_runs, config_for
+
+    if req.search:
+        world = req.gpus or req.layout.world_size
+        cands = search_layouts(
+            cfg.model, Cluster(req.accelerator, world), cfg.train.global_batch_size,
+            req.layout.seq_len, precision=req.precision, moe=req.moe, trainer_only=True,
+        )  # fmt: skip
+        layout = cands[0].layout
+    else:
+        layout = as_trainer_runs(req.layout)
+    out = config_for(cfg, layout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump_config(out))
+    tmp.replace(path)
+    world, per_node = layout.world_size, 8
+    if world == 1:
+        launch = f"crucible train {path}"
+    elif world <= per_node:
+        launch = f"torchrun --standalone --nproc_per_node {world} -m crucible train {path}"
+    else:  # one torchrun per node, all meeting at one rendezvous endpoint
+        launch = (
+            f"torchrun --nnodes {-(-world // per_node)} --nproc_per_node {per_node} "
+            f"--rdzv_backend c10d --rdzv_endpoint HOST:29500 -m crucible train {path} (on each node)"
+        )
+    print(f"\nwrote {path} ({layout.describe()}); run it with: {launch}", file=sys.stderr)
 
 
 def _cmd_hardware(args: argparse.Namespace) -> int:
@@ -241,13 +281,33 @@ def _plan_parser(sub) -> None:
     g.add_argument("--seq-len", type=positive_int, default=None, help="default: the config's")
     g.add_argument("--recompute", default="none", choices=("none", "selective", "full"))
     g.add_argument(
+        "--recompute-every",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="recompute every N-th block",
+    )
+    g.add_argument(
         "--precision",
-        default="mixed",
+        default=None,
         choices=("mixed", "autocast"),
         help="mixed: bf16 weights + fp32 master/grads (nanotron, 18 B/param); autocast: fp32 "
-        "weights under bf16 autocast (crucible's trainer, 16 B/param + bf16 copies)",
+        "weights under bf16 autocast (crucible's trainer, 16 B/param + bf16 copies). Default: "
+        "autocast with --write-config or --trainer-only, else mixed",
     )
     g.add_argument("--search", action="store_true", help="rank every layout that fits")
+    g.add_argument(
+        "--trainer-only",
+        action="store_true",
+        help="with --search: rank only layouts `crucible train` runs (others are marked)",
+    )
+    g.add_argument(
+        "--write-config",
+        default=None,
+        metavar="PATH",
+        help="write the chosen layout (with --search: the best one the trainer runs) as a "
+        "training config for `crucible train`",
+    )
     g.add_argument("--top", type=positive_int, default=5, help="layouts to show with --search")
     g = p.add_argument_group("mixture of experts (replaces every MLP)")
     g.add_argument("--experts", type=nonneg_int, default=0, help="number of routed experts")

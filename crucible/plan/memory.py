@@ -47,21 +47,24 @@ class Layout:
     grad_accum: int = 1
     recompute: Recompute = "none"
     sequence_parallel: bool = True  # with TP: norms and residuals are split over TP ranks too
+    recompute_every: int = 1  # recompute blocks 0, N, 2N, ...; the others keep everything
+    vocab_parallel: bool = True  # TP splits the embedding / output head (Megatron); crucible: no
 
     @property
     def world_size(self) -> int:
         return self.dp * self.tp * self.pp * self.cp
 
     def describe(self) -> str:
+        every = f"/{self.recompute_every}" if self.recompute_every > 1 else ""
         return (
             f"DP={self.dp} TP={self.tp} PP={self.pp} CP={self.cp} ZeRO-{self.zero} "
-            f"micro={self.micro_batch} accum={self.grad_accum} recompute={self.recompute}"
+            f"micro={self.micro_batch} accum={self.grad_accum} recompute={self.recompute}{every}"
         )
 
 
 def check_layout(cfg: ModelConfig, layout: Layout) -> None:
     """Raise LayoutError naming the first constraint the layout breaks."""
-    for name in ("dp", "tp", "pp", "cp", "micro_batch", "grad_accum"):
+    for name in ("dp", "tp", "pp", "cp", "micro_batch", "grad_accum", "recompute_every"):
         if getattr(layout, name) < 1:
             raise LayoutError(f"{name} must be >= 1 (got {getattr(layout, name)})")
     if layout.zero not in (0, 1, 2, 3):
@@ -90,7 +93,7 @@ def check_layout(cfg: ModelConfig, layout: Layout) -> None:
 def params_per_gpu(cfg: ModelConfig, layout: Layout, moe: MoESpec | None = None) -> int:
     """Parameters held by the most loaded GPU before ZeRO sharding (TP and PP split them).
 
-    TP splits attention, MLP and the (vocab-parallel) embedding; norms are replicated. PP gives
+    TP splits attention, MLP and (vocab_parallel) the embedding; norms are replicated. PP gives
     each stage ceil(layers / pp) blocks; the first stage also holds the embedding, the last the
     final norm and the output head (a copy of the embedding when tied and PP > 1).
     """
@@ -102,7 +105,7 @@ def params_per_gpu(cfg: ModelConfig, layout: Layout, moe: MoESpec | None = None)
         mlp = (moe.num_experts + moe.shared_experts) * 3 * d * moe.expert_intermediate_size
         mlp += d * moe.num_experts * tp  # the router is replicated, not split
     layer = (attention_params_per_layer(cfg) + mlp) // tp + norm
-    embed = cfg.vocab_size * d // tp
+    embed = cfg.vocab_size * d // (tp if layout.vocab_parallel else 1)
     blocks = math.ceil(cfg.num_layers / layout.pp)
     head = 0 if cfg.tie_embeddings and layout.pp == 1 else embed
     if layout.pp == 1:
@@ -127,7 +130,8 @@ def activation_tensors(
     after the MLP norm); the attention output is kept in SDPA's layout and again as the
     contiguous input of the output projection.
     selective: silu(gate) and the product are recomputed in backward from gate and up (a few %
-    more FLOPs). full: only the block input is kept; the block is re-run in backward.
+    more FLOPs); under autocast the down projection's input cast goes too, as it is recomputed.
+    full: only the block input is kept; the block is re-run in backward.
     """
     a, h, i = 2, cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.dim_per_head, cfg.num_kv_heads * cfg.dim_per_head
@@ -146,6 +150,13 @@ def activation_tensors(
     return t
 
 
+def checkpointed_blocks(num_blocks: int, layout: Layout) -> int:
+    """Blocks (of `num_blocks`) the layout recomputes: 0, N, 2N, ... with N = recompute_every."""
+    if layout.recompute == "none":
+        return 0
+    return math.ceil(num_blocks / layout.recompute_every)
+
+
 @dataclass(frozen=True)
 class Activations:
     per_layer_per_token: dict[str, float]
@@ -159,6 +170,11 @@ class Activations:
         per_token = sum(self.per_layer_per_token.values())
         return per_token * self.tokens * self.layers_held / self.split + sum(self.extra.values())
 
+    @property
+    def kept_after_forward(self) -> float:
+        """What the forward pass leaves for backward (without the block being recomputed)."""
+        return self.total - self.extra.get("recomputed block", 0.0)
+
 
 def activations(
     cfg: ModelConfig,
@@ -166,15 +182,29 @@ def activations(
     precision: Precision = "mixed",
     logits: Literal["chunked", "full"] = "chunked",
 ) -> Activations:
-    tensors = activation_tensors(cfg, precision, layout.recompute)
     tokens = layout.micro_batch * layout.seq_len // layout.cp
     blocks = math.ceil(cfg.num_layers / layout.pp)
+    tensors = activation_tensors(cfg, precision, layout.recompute)
+    n_ckpt = checkpointed_blocks(blocks, layout)
+    if 0 < n_ckpt < blocks:  # every N-th block: the per-block average of the two kinds
+        plain = activation_tensors(cfg, precision, "none")
+        tensors = {
+            k: (n_ckpt * tensors.get(k, 0) + (blocks - n_ckpt) * plain.get(k, 0)) / blocks
+            for k in {**plain, **tensors}
+        }
     in_flight = min(layout.pp, layout.grad_accum) if layout.pp > 1 else 1  # 1F1B warm-up depth
     split = layout.tp if layout.sequence_parallel else 1
-    final_norm = (8 + 2) if precision == "autocast" else 2 + 2  # bytes per hidden unit
+    # autocast: the final norm keeps its fp32 input and normalised value, and the fused loss
+    # keeps the norm's (fp32) output; the RoPE tables (fp32 cos and sin, shared by all blocks)
+    # and the int64 targets live until backward too (measured: tests/test_activation_...py).
+    final_norm = (4 + 4 + 4) if precision == "autocast" else 2 + 2  # bytes per hidden unit
     extra: dict[str, float] = {"final norm": final_norm * cfg.hidden_size * tokens / split}
+    if precision == "autocast":
+        extra["RoPE tables and targets"] = (2 * 4 * cfg.dim_per_head + 8) * tokens
     if logits == "full":  # fp32 logits kept for the softmax backward, vocab-parallel under TP
-        extra["logits (fp32)"] = 4 * cfg.vocab_size * tokens / layout.tp
+        extra["logits (fp32)"] = (
+            4 * cfg.vocab_size * tokens / (layout.tp if layout.vocab_parallel else 1)
+        )
     if layout.recompute == "full":  # the block being recomputed holds its own tensors
         one_block = sum(activation_tensors(cfg, precision, "none").values())
         extra["recomputed block"] = one_block * tokens / split
@@ -229,7 +259,8 @@ def estimate_memory(
         copies = 0.0
     else:
         weights, master = 4 * p / shard["weight"], 0.0
-        copies = 2 * p  # made from the gathered weights, whatever the sharding
+        # From the gathered weights; norm gains multiply in fp32 and are never cast.
+        copies = 2 * (p - _norm_params(cfg, layout) - _recomputed_weights(cfg, layout, moe))
     grads = 4 * p / shard["grad"]
     opt = 8 * p / shard["opt"]
     act = activations(cfg, layout, precision, logits)
@@ -250,3 +281,25 @@ def estimate_memory(
             ("second forward-backward peak", weights + grads + opt + fwd_bwd),
         ]
     return MemoryEstimate(layout, precision, p, weights, master, grads, opt, act, copies, timeline)
+
+
+def _norm_params(cfg: ModelConfig, layout: Layout) -> int:
+    per_block = 2 * cfg.hidden_size + (2 * cfg.dim_per_head if cfg.qk_norm else 0)
+    return math.ceil(cfg.num_layers / layout.pp) * per_block + cfg.hidden_size
+
+
+def _recomputed_weights(cfg: ModelConfig, layout: Layout, moe: MoESpec | None) -> float:
+    """Parameters whose autocast bf16 copies are not kept for backward: the weights used inside
+    a recomputed region are cast again when it is re-run (full: the whole block's projections;
+    selective: the down projection)."""
+    if moe is not None:
+        return 0.0
+    blocks = math.ceil(cfg.num_layers / layout.pp)
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    if layout.recompute == "full":
+        per_block = attention_params_per_layer(cfg) + 3 * d * i
+    elif layout.recompute == "selective":
+        per_block = d * i
+    else:
+        return 0.0
+    return checkpointed_blocks(blocks, layout) * per_block / layout.tp

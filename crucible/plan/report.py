@@ -14,6 +14,7 @@ from crucible.plan.memory import Layout, MiB, Precision, estimate_memory
 from crucible.plan.params import MoESpec, count_params
 from crucible.plan.scaling import HOFFMANN_2022, compute_optimal
 from crucible.plan.search import Cluster, search_layouts
+from crucible.plan.trainer_layouts import NOT_SUPPORTED
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class PlanRequest:
     top: int = 5
     flops: str = "6N+attention"  # or "6N": the playbook's and Chinchilla's count
     params: float | None = None  # N of 6N instead of the config's matmul parameters
+    trainer_only: bool = False  # rank only the layouts `crucible train` runs
 
 
 def _n(x: float) -> str:
@@ -141,20 +143,31 @@ def plan_markdown(cfg: RunConfig, req: PlanRequest) -> str:
         world = req.gpus or plan.gpus
         cands = search_layouts(
             m, Cluster(req.accelerator, world), cfg.train.global_batch_size, seq,
-            precision=req.precision, moe=req.moe,
+            precision=req.precision, moe=req.moe, trainer_only=req.trainer_only,
         )  # fmt: skip
         out += [
             "",
             f"## Parallel layouts for {world} GPUs, global batch {cfg.train.global_batch_size} x "
             f"{seq} tokens ({len(cands)} fit; model-ranked, benchmark the top few)",
             "",
-            "| layout | peak MiB | predicted tokens/s/GPU | exposed comm + bubble |",
-            "|---|---:|---:|---:|",
+            "| layout | peak MiB | predicted tokens/s/GPU | exposed comm + bubble | trainer |",
+            "|---|---:|---:|---:|---|",
         ]
         for cand in cands[: req.top]:
             over = sum(v for k, v in cand.breakdown.items() if k != "compute")
             out.append(
                 f"| {cand.layout.describe()} | {cand.memory.peak / MiB:,.0f} | "
-                f"{cand.tokens_per_second_per_gpu:,.0f} | {over / cand.step_seconds:.1%} |"
+                f"{cand.tokens_per_second_per_gpu:,.0f} | {over / cand.step_seconds:.1%} | "
+                f"{'runs' if cand.unsupported is None else NOT_SUPPORTED + ': ' + cand.unsupported}"
+                " |"
             )
+        best = next((c for c in cands if c.unsupported is None), None)
+        out += [
+            "",
+            f"Best layout `crucible train` runs: {best.layout.describe()} "
+            f"({best.tokens_per_second_per_gpu:,.0f} tokens/s/GPU predicted; `--write-config` "
+            "writes it as a training config)."
+            if best
+            else "None of these layouts is one `crucible train` runs.",
+        ]
     return "\n".join(out) + "\n"

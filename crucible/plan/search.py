@@ -26,6 +26,7 @@ from crucible.plan.memory import (
     params_per_gpu,
 )
 from crucible.plan.params import MoESpec
+from crucible.plan.trainer_layouts import as_trainer_runs, trainer_support
 
 # Extra compute per step for each recomputation mode: full re-runs the forward (2N of 6N),
 # selective only the MLP's elementwise ops.
@@ -68,6 +69,7 @@ class Candidate:
     step_seconds: float
     tokens_per_second_per_gpu: float
     breakdown: dict[str, float]  # seconds per step by cause
+    unsupported: str | None = None  # why `crucible train` cannot run it (None: it can)
 
 
 def _divisors(n: int) -> list[int]:
@@ -129,9 +131,14 @@ def search_layouts(
     max_cp: int = 8,
     precision: Precision = "mixed",
     moe: MoESpec | None = None,
+    trainer_only: bool = False,
 ) -> list[Candidate]:
     """Every layout of `cluster.gpus` GPUs that reaches `global_batch` sequences and fits,
-    fastest first. Raises ValueError saying why when none does."""
+    fastest first. Raises ValueError saying why when none does.
+
+    Layouts `crucible train` can run are evaluated as it runs them (embedding whole on every TP
+    rank, sequence parallelism under TP); the others carry `unsupported` (the reason), or are
+    left out with `trainer_only`."""
     world = cluster.gpus
     usable_gib = cluster.accelerator.memory_gib
     found: list[Candidate] = []
@@ -153,6 +160,14 @@ def search_layouts(
                 if zero and dp == 1:
                     continue  # ZeRO shards over DP; nothing to shard
                 layout = Layout(dp, tp, pp, cp, zero, mbs, seq_len, global_batch // (dp * mbs), rc)
+                why = trainer_support(cfg, as_trainer_runs(layout))
+                if why is None:
+                    layout = as_trainer_runs(layout)
+                elif trainer_only:
+                    rejected["not supported by the trainer"] = (
+                        rejected.get("not supported by the trainer", 0) + 1
+                    )
+                    continue
                 try:
                     mem = estimate_memory(cfg, layout, precision, moe)
                 except LayoutError as e:
@@ -169,7 +184,7 @@ def search_layouts(
                 parts = predict_step(cfg, layout, cluster, global_batch, moe)
                 step = sum(parts.values())
                 tps_gpu = global_batch * seq_len / step / world
-                found.append(Candidate(layout, mem, step, tps_gpu, parts))
+                found.append(Candidate(layout, mem, step, tps_gpu, parts, why))
     if not found:
         why = "; ".join(f"{k} ({v} layouts)" for k, v in sorted(rejected.items()))
         best = (

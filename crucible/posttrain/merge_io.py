@@ -11,7 +11,6 @@ Output layout (what `crucible generate`, `eval` and `export` read):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -21,10 +20,10 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
 from torch import Tensor
 
 from crucible.config import ConfigError, ModelConfig, RunConfig, TrainConfig, dump_config
+from crucible.train.checkpoint import save_weights_checkpoint
 
 
 @dataclass
@@ -180,11 +179,8 @@ def write_run(
         (tmp / "config.yaml").write_text(dump_config(cfg))
         if template.tokenizer is not None:
             shutil.copyfile(template.tokenizer, tmp / "tokenizer.json")
-        ckpt = tmp / "checkpoints" / "step_000000"
-        ckpt.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt / "model.safetensors"))
-        meta = {"format": 1, "step": 0, "tokens_seen": None, "merge": recipe}
-        (ckpt / "state.json").write_text(json.dumps(meta, indent=1))
+        meta = {"step": 0, "tokens_seen": None, "merge": recipe}
+        save_weights_checkpoint(tmp / "checkpoints" / "step_000000", state, meta)
         (tmp / "merge.yaml").write_text(merge_yaml)
         if hf:
             from crucible.model import Transformer

@@ -31,7 +31,8 @@ def plot_loss_curve(run_dir: Path, out: Path | None = None) -> Path:
         rows = [r for r in read_metrics(run_dir, "incident") if r["action"] == action]
         if rows:  # incidents at the step they hit; a rollback at the step it left
             xs = [r.get("from_step", r["step"]) * tokens_per_step for r in rows]
-            ys = [r["loss"] if "loss" in r and r["loss"] == r["loss"] else _near(train, x)
+            # a loss spike at the loss it reached; anything else on the curve
+            ys = [r["value"] if r.get("signal") == "loss" else _near(train, x)
                   for r, x in zip(rows, xs)]  # fmt: skip
             ax.scatter(xs, ys, marker=marker, color=color, zorder=3, label=f"incident: {action}")
     ax.set_xlabel("tokens")

@@ -369,6 +369,20 @@ def _finish(p: _Pending) -> Path:
     return p.final
 
 
+def save_weights_checkpoint(ckpt: Path, weights: dict[str, torch.Tensor], state: dict) -> Path:
+    """A weights-only checkpoint directory (a merge, an import): model.safetensors, state.json
+    and the manifest, so every reader verifies it like a training checkpoint. Written in place:
+    the caller builds it inside a directory it renames into position."""
+    ckpt = Path(ckpt)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    check_finite(int(state.get("step", 0)), list(weights.items()))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(ckpt / "model.safetensors"))
+    full = {"format": FORMAT_VERSION, "weights_only": True, **state}
+    (ckpt / "state.json").write_text(json.dumps(full, indent=1))
+    write_manifest(ckpt, int(full.get("step", 0)), describe_files(ckpt, checkpoint_files(ckpt)))
+    return ckpt
+
+
 def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((Path(ckpt) / "state.json").read_text())
 

@@ -1,21 +1,24 @@
-"""Distributed training as a layer around an unchanged model: process group, DDP or FSDP2.
+"""Distributed training around an unchanged model: layout checks, process group, device mesh,
+gradient sync and the global gradient norm. (Model wrapping lives in `parallelize.py`.)
 
 Under `torchrun` the usual RANK / WORLD_SIZE / LOCAL_RANK variables are set and we join a process
-group (NCCL on GPU, gloo on CPU). Without them everything runs in one process, unwrapped.
+group (NCCL on GPU, gloo on CPU) and build a ("dp", "tp") device mesh. Without them everything
+runs in one process, unwrapped.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from crucible.config import DistributedConfig
+from crucible.config import ConfigError, RunConfig
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,8 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    tp: int = 1  # tensor-parallel degree; ranks r with the same r // tp form one TP group
+    mesh: Any = field(default=None, compare=False)  # DeviceMesh ("dp", "tp") when distributed
 
     @property
     def enabled(self) -> bool:
@@ -32,40 +37,116 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: each TP group reads one share of the batch."""
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(cfg: DistributedConfig, device_type: str) -> DistInfo:
-    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+def world_size_from_env() -> int:
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+
+
+def check_parallel_config(cfg: RunConfig, world: int, device_type: str) -> None:
+    """One clear ConfigError for a layout the trainer cannot run, before any work (every rank
+    runs it on the same config, so every rank refuses with the same line)."""
+    d, m, t = cfg.distributed, cfg.model, cfg.train
+    tp = d.tp
+    if d.dp is not None and d.dp * tp != world:
+        raise ConfigError(
+            f"distributed.dp {d.dp} x distributed.tp {tp} = {d.dp * tp} does not match the "
+            f"world size {world} (processes started by torchrun)"
+        )
+    if world % tp:
+        raise ConfigError(
+            f"distributed.tp {tp} does not divide the world size {world} (processes started "
+            "by torchrun); use a tp that divides it"
+        )
+    if tp > 1:
+        for name, n in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads),
+                        ("intermediate_size", m.intermediate_size)):  # fmt: skip
+            if n % tp:
+                raise ConfigError(
+                    f"distributed.tp {tp} does not divide model.{name} {n}: every TP rank "
+                    "must hold the same number of heads and MLP columns"
+                )
+        if m.qk_norm:
+            raise ConfigError(
+                f"distributed.tp {tp} with model.qk_norm is not supported (the QK-norm gain "
+                "would see only local heads); use tp 1"
+            )
+        if d.strategy == "ddp" and world // tp > 1:
+            raise ConfigError(
+                f"distributed.tp {tp} with {world // tp} data-parallel ranks needs "
+                "distributed.strategy fsdp (TP x DDP is not supported)"
+            )
+        if t.fp8 != "none":
+            raise ConfigError("train.fp8 with distributed.tp > 1 is not supported; use tp 1")
+    if d.sequence_parallel and tp == 1:
+        raise ConfigError("distributed.sequence_parallel needs distributed.tp > 1")
+    if d.sequence_parallel and t.seq_len % tp:
+        raise ConfigError(
+            f"distributed.sequence_parallel: train.seq_len {t.seq_len} is not divisible by "
+            f"distributed.tp {tp}"
+        )
+    dp = world // tp
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size {t.global_batch_size} is not divisible by "
+            f"micro_batch_size {t.micro_batch_size} x {dp} data-parallel rank(s)"
+        )
+    if t.fp8 != "none":
+        check_fp8(t.fp8, device_type)
+
+
+def check_fp8(recipe: str, device_type: str) -> None:
+    if device_type != "cuda":
+        raise ConfigError(
+            f"train.fp8 {recipe}: FP8 training needs a CUDA GPU with compute capability 8.9+ "
+            f"(H100, L40S, RTX 4090); this run is on {device_type}. Use train.fp8=none"
+        )
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise ConfigError(
+            f"train.fp8 {recipe}: this GPU has compute capability {major}.{minor}; FP8 needs "
+            "8.9+ (H100, L40S, RTX 4090). Use train.fp8=none"
+        )
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"train.fp8 {recipe}: needs torchao (pip install 'crucible[fp8]')"
+        ) from None
+
+
+def init_distributed(cfg: RunConfig, device_type: str) -> DistInfo:
+    """Check the layout against the world size, join the process group, build the mesh."""
+    world = world_size_from_env()
+    check_parallel_config(cfg, world, device_type)
+    if world == 1:
         return DistInfo()
-    backend = cfg.backend
+    backend = cfg.distributed.backend
     if backend == "auto":
         backend = "nccl" if device_type == "cuda" else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+        timeout = timedelta(minutes=cfg.distributed.timeout_minutes)
+        dist.init_process_group(backend=backend, timeout=timeout)
+    from torch.distributed.device_mesh import init_device_mesh
 
-
-def wrap_model(model: nn.Module, info: DistInfo, cfg: DistributedConfig, device: torch.device):
-    """DDP replicates the model; FSDP2 shards each transformer block and then the root."""
-    if not info.enabled:
-        return model
-    if cfg.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [device.index] if device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
-    from torch.distributed.fsdp import fully_shard
-
-    for block in model.layers:
-        fully_shard(block)
-    fully_shard(model)
-    return model
+    tp = cfg.distributed.tp
+    mesh = init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, tp, mesh)
 
 
 def sync_grads_context(model: nn.Module, last_micro_batch: bool):
@@ -81,6 +162,38 @@ def sync_grads_context(model: nn.Module, last_micro_batch: bool):
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(False)
     return nullcontext()
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` and return the global norm before clipping.
+
+    One mesh (or none): torch's own `clip_grad_norm_`. Several (TP x FSDP, or TP next to whole
+    parameters): the norm of each group of gradients sharing a mesh and placements is reduced over
+    that mesh, and the groups combine as a root sum of squares. Whole (non-DTensor) gradients are
+    the same on every rank and are counted once.
+    """
+    params = [p for p in params if p.grad is not None]
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        g = p.grad
+        key = (g.device_mesh, tuple(g.placements)) if hasattr(g, "device_mesh") else None
+        groups.setdefault(key, []).append(p)
+    meshes = {k[0] for k in groups if k is not None}
+    if len(meshes) <= 1 and not (meshes and None in groups):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    total_sq = None
+    for key, ps in groups.items():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in ps])
+        if key is not None:
+            norm = norm.full_tensor()
+        sq = norm.float() ** 2
+        total_sq = sq if total_sq is None else total_sq + sq
+    total = total_sq.sqrt()
+    coef = max_norm / (float(total) + 1e-6)  # torch's rule; a Python float suits every mesh
+    if coef < 1:
+        for p in params:
+            p.grad.mul_(coef)
+    return total
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -17,8 +17,8 @@ console = Console(highlight=False, soft_wrap=True)  # log lines stay whole in fi
 class MetricsLogger:
     """Appends events to run_dir/metrics.jsonl; mirrors scalars to TensorBoard/W&B if enabled.
 
-    The mirrors open with `open_mirrors(resume_step)`: TensorBoard purges its events from that
-    step on (so a resumed run's curves are superseded, not doubled), and W&B continues the run
+    The mirrors open with `open_mirrors(resume_step)`: TensorBoard purges its events after that
+    step (so a resumed run's curves are superseded, not doubled), and W&B continues the run
     whose id is kept in `wandb_id`.
     """
 
@@ -37,7 +37,7 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(
-                    str(self.run_dir / "tensorboard"), purge_step=resume_step or None
+                    str(self.run_dir / "tensorboard"), purge_step=resume_step + 1
                 )
             except ImportError:
                 self._tb = None  # TensorBoard is optional

@@ -31,6 +31,7 @@ RESUME_FIXED = (
     "data.train_shards",
     "data.sources",
     "data.stages",
+    "distributed.tp",  # sharded checkpoints are resumed with the layout that wrote them
 )
 
 
@@ -81,8 +82,8 @@ def make_loader(
 def compile_model(model: torch.nn.Module, per_block: bool = False) -> None:
     """torch.compile in place (state-dict names unchanged).
 
-    The whole model compiles into one graph, loss included, which fuses best. FSDP2 shards each
-    block separately, so there every block is compiled on its own (as torchtitan does).
+    The whole model compiles into one graph, loss included, which fuses best. Under FSDP2 or TP
+    every block is compiled on its own (as torchtitan does): FSDP2's hooks sit between blocks.
     """
     if per_block:
         for block in model.layers:

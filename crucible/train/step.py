@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crucible.train.distributed import all_reduce_sum, sync_grads_context
+from crucible.train.distributed import all_reduce_sum, clip_grad_norm, sync_grads_context
 from crucible.train.schedule import lr_at
 from crucible.train.state import Run, StepResult
 
@@ -62,7 +62,7 @@ def train_step(run: Run, step: int) -> StepResult:
 
     totals: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
-        batch = batch.to(device)
+        batch = batch.to(device, non_blocking=True)  # pinned by the prefetcher on CUDA
         with sync_grads_context(model, last_micro_batch=i == len(batches) - 1):
             with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
                 out = objective(run, batch)
@@ -70,7 +70,7 @@ def train_step(run: Run, step: int) -> StepResult:
         for k, v in out.logged.items():
             totals[k] = totals[k] + v.double() if k in totals else v.double()
     max_norm = run.cfg.optim.clip_grad if run.cfg.optim.clip_grad is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = clip_grad_norm(model.parameters(), max_norm)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
         grad_norm = grad_norm.full_tensor()
     keys = sorted(totals)

@@ -25,7 +25,6 @@ from crucible.data.loader import eval_batches
 from crucible.data.mixture import MixtureLoader
 from crucible.data.prepare import check_tokenizer_vocab, prepare_data
 from crucible.data.shards import ShardSet
-from crucible.model import Transformer
 from crucible.plan.params import count_params
 from crucible.tokenizer.train import EOS_TOKEN, load_tokenizer, token_byte_lengths
 from crucible.train import chaos
@@ -35,17 +34,18 @@ from crucible.train.callbacks.checkpointing import CheckpointCallback
 from crucible.train.callbacks.faults import FaultInjector
 from crucible.train.callbacks.logging import LoggingCallback
 from crucible.train.callbacks.monitoring import MonitorCallback
+from crucible.train.callbacks.plan_check import PlanCheckCallback
 from crucible.train.callbacks.signals import SignalCallback
 from crucible.train.callbacks.spikes import SpikeGuard
 from crucible.train.callbacks.validation import ValidationCallback
-from crucible.train.distributed import barrier, init_distributed, wrap_model
+from crucible.train.distributed import barrier, init_distributed
 from crucible.train.metrics import MetricsLogger, console, peak_flops
 from crucible.train.optim import build_optimizer
+from crucible.train.parallelize import build_model
 from crucible.train.setup import (
     autocast_dtype,
     check_output_dir,
     check_resume,
-    compile_model,
     make_loader,
     resolve_device,
     write_run_files,
@@ -79,7 +79,8 @@ def train(
     run.callbacks = [
         FaultInjector(run),
         LoggingCallback(),
-        MonitorCallback(run),
+        *([MonitorCallback(run)] if cfg.monitor.enabled else []),
+        PlanCheckCallback(),
         run.callbacks[0],  # validation, built in setup
         *callbacks,
         CheckpointCallback(),
@@ -106,6 +107,7 @@ def train(
                 cb.close()
         if run.metrics is not None:
             run.metrics.close()
+        run.loader.close()
     ckpt.finalize_pending()  # an async save completes before the run says it stopped or finished
     if run.stop is not None:
         barrier()
@@ -115,7 +117,7 @@ def train(
 
 def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
     device = resolve_device(cfg.train.device)
-    info = init_distributed(cfg.distributed, device.type)
+    info = init_distributed(cfg, device.type)  # checks the layout first, on every rank
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     if cfg.train.threads is not None:
@@ -127,12 +129,8 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
 
     # ---- checks: everything that can be wrong, before the run directory is touched
     check_output_dir(run_dir, resume)  # every rank, before anyone creates the directory
-    micro, world = cfg.train.micro_batch_size, info.world_size
-    if cfg.train.global_batch_size % (micro * world):
-        raise ConfigError(
-            f"train.global_batch_size {cfg.train.global_batch_size} is not divisible by "
-            f"micro_batch_size {micro} x {world} process(es)"
-        )
+    # Ranks of one TP group read the same batches: the data is split over data-parallel ranks.
+    micro, world = cfg.train.micro_batch_size, info.dp_size
     latest = check_resume(cfg, run_dir) if resume else None
     end_step = cfg.train.stop_at or cfg.train.steps  # train.stop_at ends early (a trunk)
     init_from = Path(cfg.checkpoint.init_from) if cfg.checkpoint.init_from else None
@@ -169,24 +167,23 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
     barrier()
 
     # ---- model, wrapper, optimizer, loader
-    torch.manual_seed(cfg.seed)
-    with torch.device(device):  # initialise in place: no full-size CPU copy of a large model
-        model = Transformer(cfg.model)
-    if cfg.train.compile:
-        compile_model(model, per_block=info.enabled and cfg.distributed.strategy == "fsdp")
-    model = wrap_model(model, info, cfg.distributed, device)
+    amp = autocast_dtype(cfg.train.dtype, device)
+    model = build_model(cfg, info, device, amp)  # TP, checkpointing, compile, FSDP2 / DDP
     val_batches = eval_batches(
-        ShardSet(data.val_dir), cfg.train.seq_len, micro, cfg.train.val_batches, info.rank,
+        ShardSet(data.val_dir), cfg.train.seq_len, micro, cfg.train.val_batches, info.dp_rank,
         world, eos_id=eos,
     )  # fmt: skip
+    loader = make_loader(cfg, data, info.dp_rank, world, eos)
+    if cfg.train.prefetch:
+        loader.enable_prefetch(pin_memory=device.type == "cuda")
     run = Run(
         cfg=cfg,
         info=info,
         device=device,
-        amp=autocast_dtype(cfg.train.dtype, device),
+        amp=amp,
         model=model,
         optimizer=build_optimizer(model, cfg.optim, device),
-        loader=make_loader(cfg, data, info.rank, world, eos),
+        loader=loader,
         run_dir=run_dir,
         grad_accum=cfg.train.global_batch_size // (micro * world),
         end_step=end_step,

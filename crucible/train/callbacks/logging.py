@@ -26,6 +26,7 @@ class LoggingCallback(Callback):
         if run.resumed and isinstance(run.loader, MixtureLoader):  # logged before the restart
             self.stage = run.loader.stage_at_step(run.loader.step)
         self.step_time: float | None = None  # smoothed seconds per step, for the ETA
+        self.next_step = run.step
         self._reset()
 
     def _reset(self) -> None:
@@ -36,6 +37,9 @@ class LoggingCallback(Callback):
         self.steps = self.skipped = 0
 
     def on_step_start(self, run: Run) -> None:
+        if run.step != self.next_step:  # a rollback: what was gathered belongs to the past
+            self._reset()
+            self.next_step = run.step
         if isinstance(run.loader, MixtureLoader):
             name = run.loader.stage_at_step(run.loader.step)
             if name != self.stage:
@@ -47,7 +51,8 @@ class LoggingCallback(Callback):
         self.steps += 1
         self.seconds += result.data_seconds + result.compute_seconds
         self.data_seconds += result.data_seconds
-        if result.finite:
+        self.next_step = result.step
+        if result.finite and not result.skipped:  # skipped steps are incidents, not training
             self.losses.append(result.loss)
             self.z.append(result.z_loss)
             for k, v in result.extra.items():
@@ -72,6 +77,7 @@ class LoggingCallback(Callback):
             tokens=done * run.tokens_per_step,
             tokens_per_s=tok_s,
             data_wait=self.data_seconds / self.seconds if self.seconds else 0.0,
+            data_seconds=self.data_seconds / self.steps,  # mean wait for batches per step
             flops_per_s_per_device=achieved,
         )
         if mfu is not None:

@@ -51,8 +51,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _sharded(t: torch.Tensor) -> bool:
-    return hasattr(t, "to_local")
+def _distinct_shards(t: torch.Tensor) -> int:
+    """How many different pieces of `t` the ranks hold (1: every rank holds all of it)."""
+    if not hasattr(t, "device_mesh"):
+        return 1
+    n = 1
+    for dim, placement in enumerate(t.placements):
+        if placement.is_shard():
+            n *= t.device_mesh.size(dim)
+    return n
 
 
 class MonitorCallback(Callback):
@@ -145,7 +152,8 @@ class MonitorCallback(Callback):
         sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         for name, t in tensors.items():
             local = _local(t).float()
-            share = 1.0 if _sharded(t) else 1.0 / run.info.world_size  # replicated: count once
+            # Summed over all ranks below: count each piece once (TP groups repeat FSDP shards).
+            share = _distinct_shards(t) / run.info.world_size
             s = sums[layer_of(name)]
             s[0] += float(local.square().sum()) * share
             s[1] += local.numel() * share

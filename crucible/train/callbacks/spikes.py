@@ -181,16 +181,17 @@ class SpikeGuard(Callback):
 
     def _escalate(self, run: Run, result: StepResult) -> None:
         first_bad = self.streak_start or result.step
-        # Before the streak, and not a checkpoint already returned to in vain.
+        # From before the streak's first step and the update just before it (an LR spike does
+        # its damage one step before it shows), and not a checkpoint already returned to in vain.
         options = [
             (s, p)
             for s, p in ckpt.list_checkpoints(run.checkpoints)
-            if s < first_bad and s not in self.used_targets
+            if s < first_bad - 1 and s not in self.used_targets
         ]
         if not options:
             run.stop = Diverged(
                 f"step {result.step}: {self.streak} bad steps in a row ({result.skipped}) and no "
-                f"checkpoint before step {first_bad} to roll back to; stopping"
+                f"checkpoint before step {first_bad - 1} to roll back to; stopping"
             )
         elif self.rollbacks_here >= self.cfg.max_rollbacks:
             run.stop = Diverged(
