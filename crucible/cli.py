@@ -275,7 +275,68 @@ def build_parser() -> argparse.ArgumentParser:
     register_ablate(sub)
     register_serve(sub)
     register_posttrain(sub)
+    from crucible.completion import register as register_completion
+
+    register_completion(sub)
+    _add_examples(parser)
     return parser
+
+
+# One example per command, shown at the end of its --help (commands that set their own epilog
+# with an example keep it). tests/test_cli.py checks that every command has one.
+EXAMPLES = {
+    "train": "crucible train tiny train.steps=1000 name=tiny-1k",
+    "quickstart": "crucible quickstart train.steps=100",
+    "generate": 'crucible generate runs/quickstart --prompt "def main(" --top-p 0.9',
+    "export": "crucible export runs/quickstart --out exports/quickstart",
+    "report": "crucible report runs/quickstart",
+    "count-params": "crucible count-params smollm3-3b",
+    "config": "crucible config tiny optim.lr=1e-3",
+    "presets": "crucible presets",
+    "tokenizer": "crucible tokenizer train stdlib --out tok --vocab-size 8192",
+    "tokenizer train": "crucible tokenizer train corpus/*.txt --out tok --vocab-size 8192",
+    "tokenizer eval": "crucible tokenizer eval mine=tok/tokenizer.json --corpus en=stdlib",
+    "data": "crucible data process pipeline.yaml",
+    "data process": "crucible data process pipeline.yaml",
+    "data tokenize": "crucible data tokenize processed --tokenizer tok/tokenizer.json --out shards",
+    "data mixture": "crucible data mixture mixture.yaml --max-epochs 4",
+    "eval": "crucible eval runs/quickstart --tasks early,arc_easy=data/arc_easy.jsonl",
+    "plan hardware": "crucible plan hardware h100 --json -",
+    "plan roofline": "crucible plan roofline smollm3-3b --gpu h100 --peak-tflops 720",
+    "plan compass": "crucible plan compass --brief brief.yaml --out decision.md",
+    "plan scaling": "crucible plan scaling fit runs/s1 runs/s2 runs/s3 runs/s4 runs/s5",
+    "plan scaling fit": "crucible plan scaling fit runs/s* --plot fit.png",
+    "bench": "crucible bench matmul --dtypes bf16,fp32 --json matmul.json",
+    "bench matmul": "crucible bench matmul --dtypes bf16,fp32 --json matmul.json",
+    "bench copy": "crucible bench copy --bytes 256M",
+    "bench storage": "crucible bench storage /scratch --size 1G",
+    "bench loader": "crucible bench loader shards/train --seq-len 2048 --batch 8",
+    "doctor": "crucible doctor --json doctor.json",
+    "ablate": "crucible ablate attention --dry-run",
+    "chat": "crucible chat runs/sft --no-think",
+    "serve": "crucible serve runs/sft --port 8000",
+    "merge": "crucible merge merge.yaml --out runs/merged --hf",
+    "chat-data": "crucible chat-data data/chat --train 5000 --test 500",
+    "chat-inspect": "crucible chat-inspect data/chat --tokenizer tok/tokenizer.json --show 0",
+    "completion": "crucible completion bash > ~/.local/share/bash-completion/completions/crucible",
+}
+
+
+def subcommands(parser: argparse.ArgumentParser, prefix: str = ""):
+    """(command path, parser) of every command and subcommand, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                path = f"{prefix}{name}"
+                yield path, sub
+                yield from subcommands(sub, path + " ")
+
+
+def _add_examples(parser: argparse.ArgumentParser) -> None:
+    for path, sub in subcommands(parser):
+        example = EXAMPLES.get(path)
+        if example and "Example" not in (sub.epilog or ""):
+            sub.epilog = (sub.epilog + "\n\n" if sub.epilog else "") + f"Example: {example}"
 
 
 # Old command names, kept for one release: (old argv prefix, new argv prefix).
@@ -287,11 +348,14 @@ DEPRECATED = {
 }
 
 
-def rewrite_deprecated(argv: list[str]) -> list[str]:
-    """`crucible hardware ...` -> `crucible plan hardware ...` (and `plan CONFIG` -> `plan model
-    CONFIG`), with a note on stderr; other command lines are returned as they are."""
+def rewrite_argv(argv: list[str]) -> list[str]:
+    """`eval compare|audit ...` -> the `eval-compare|eval-audit` parsers; deprecated names:
+    `crucible hardware ...` -> `crucible plan hardware ...` (and `plan CONFIG` -> `plan model
+    CONFIG`) with a note on stderr. Other command lines are returned as they are."""
     from crucible.plan.commands import PLAN_COMMANDS
 
+    if len(argv) > 1 and argv[0] == "eval" and argv[1] in ("compare", "audit"):
+        return [f"eval-{argv[1]}", *argv[2:]]
     new = None
     if argv and argv[0] in DEPRECATED:
         new = [*DEPRECATED[argv[0]], *argv[1:]]
@@ -322,31 +386,32 @@ def main(argv: list[str] | None = None) -> None:
     from crucible.train.errors import TrainingStopped
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = rewrite_deprecated(list(sys.argv[1:] if argv is None else argv))
+    argv = rewrite_argv(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    name = getattr(args, "command_name", args.command)
     try:
         code = args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         # One clear line (or a short block for config validation), no traceback.
         if os.environ.get("CRUCIBLE_DEBUG"):
             raise
-        print(f"crucible {args.command}: error: {e}", file=sys.stderr)
+        print(f"crucible {name}: error: {e}", file=sys.stderr)
         code = 2
     except OSError as e:
         if e.errno not in _USER_OS_ERRORS or os.environ.get("CRUCIBLE_DEBUG"):
             raise
         # The environment refused a read or write (read-only mount, no permission, disk full).
         where = f"{e.filename}: " if e.filename else ""
-        print(f"crucible {args.command}: error: {where}{e.strerror}", file=sys.stderr)
+        print(f"crucible {name}: error: {where}{e.strerror}", file=sys.stderr)
         code = 2
     except TrainingStopped as e:
-        print(f"crucible {args.command}: {e}", file=sys.stderr)
+        print(f"crucible {name}: {e}", file=sys.stderr)
         code = e.exit_code
     except KeyboardInterrupt:
         code = 130
     except Exception:  # noqa: BLE001 - a bug: show where, exit 1
         rank = os.environ.get("RANK")
-        print(f"crucible {args.command}: internal error" + (f" on rank {rank}" if rank else ""),
+        print(f"crucible {name}: internal error" + (f" on rank {rank}" if rank else ""),
               file=sys.stderr)  # fmt: skip
         traceback.print_exc()
         code = 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -174,7 +175,8 @@ CASES: list[tuple[list[str], str]] = [
         "--min-frequency",
     ),
     (
-        ["tokenizer", "train", "{w}/corpus/a.txt", "--out", "{t}/tok", "--vocab-size", "10"], "vocab_size 10",
+        ["tokenizer", "train", "{w}/corpus/a.txt", "--out", "{t}/tok", "--vocab-size", "10"],
+        "vocab_size 10",
     ),
     (
         ["tokenizer", "train", "{w}/corpus/a.txt", "--out", "{t}/tok", "--vocab-size", "-5"],
@@ -358,41 +360,44 @@ CASES: list[tuple[list[str], str]] = [
     (["data", "mixture", "{w}/mix/ok.yaml", "--max-epochs", "0"], "--max-epochs"),
     (["data", "mixture", "{w}/cfg/bad.yaml"], "bad.yaml"),
     # ---- plan / hardware / roofline / compass / scaling
-    (["plan", "tiny", "--price", "-2"], "--price"),
-    (["plan", "tiny", "--peak-tflops", "-5"], "--peak-tflops"),
-    (["plan", "tiny", "--mfu", "0"], "--mfu"),
-    (["plan", "tiny", "--mfu", "1.5"], "--mfu"),
-    (["plan", "tiny", "--gpus", "0"], "--gpus"),
-    (["plan", "tiny", "--gpus", "-8"], "--gpus"),
-    (["plan", "tiny", "--days", "-30"], "--days"),
-    (["plan", "tiny", "--tokens", "-1"], "--tokens"),
-    (["plan", "tiny", "--gpu", "h1000"], "h1000"),
-    (["plan", "tiny", "--gpus", "8", "--tp", "3"], "--gpus"),
-    (["plan", "tiny", "--tp", "0"], "--tp"),
-    (["plan", "tiny", "--micro-batch", "0"], "--micro-batch"),
-    (["plan", "tiny", "--seq-len", "-1"], "--seq-len"),
-    (["plan", "tiny", "--budget-gpu-hours", "-1"], "--budget-gpu-hours"),
-    (["plan", "tiny", "--budget-cost", "100"], "--price"),
-    (["plan", "tiny", "--memory-gib", "-80", "--peak-tflops", "100"], "--memory-gib"),
-    (["plan", "tiny", "--experts", "4", "--top-k", "8"], "top_k 8"),
-    (["plan", "tiny", "--top", "0", "--search"], "--top"),
-    (["plan", "tinyy"], "tinyy"),
-    (["hardware", "h1000"], "h1000"),
-    (["roofline", "tiny", "--gpu", "h1000"], "h1000"),
-    (["roofline", "tiny", "--dtype", "int3"], "int3"),
-    (["roofline", "tiny", "--micro-batch", "0"], "--micro-batch"),
-    (["roofline", "tiny", "--decode-batch", "0"], "--decode-batch"),
-    (["roofline", "tiny", "--peak-tflops", "-1"], "--peak-tflops"),
+    (["plan", "model", "tiny", "--price", "-2"], "--price"),
+    (["plan", "model", "tiny", "--peak-tflops", "-5"], "--peak-tflops"),
+    (["plan", "model", "tiny", "--mfu", "0"], "--mfu"),
+    (["plan", "model", "tiny", "--mfu", "1.5"], "--mfu"),
+    (["plan", "model", "tiny", "--gpus", "0"], "--gpus"),
+    (["plan", "model", "tiny", "--gpus", "-8"], "--gpus"),
+    (["plan", "model", "tiny", "--days", "-30"], "--days"),
+    (["plan", "model", "tiny", "--tokens", "-1"], "--tokens"),
+    (["plan", "model", "tiny", "--gpu", "h1000"], "h1000"),
+    (["plan", "model", "tiny", "--gpus", "8", "--tp", "3"], "--gpus"),
+    (["plan", "model", "tiny", "--tp", "0"], "--tp"),
+    (["plan", "model", "tiny", "--micro-batch", "0"], "--micro-batch"),
+    (["plan", "model", "tiny", "--seq-len", "-1"], "--seq-len"),
+    (["plan", "model", "tiny", "--budget-gpu-hours", "-1"], "--budget-gpu-hours"),
+    (["plan", "model", "tiny", "--budget-cost", "100"], "--price"),
+    (["plan", "model", "tiny", "--memory-gib", "-80", "--peak-tflops", "100"], "--memory-gib"),
+    (["plan", "model", "tiny", "--experts", "4", "--top-k", "8"], "top_k 8"),
+    (["plan", "model", "tiny", "--top", "0", "--search"], "--top"),
+    (["plan", "model", "tinyy"], "tinyy"),
+    (["plan", "hardware", "h1000"], "h1000"),
+    (["plan", "roofline", "tiny", "--gpu", "h1000"], "h1000"),
+    (["plan", "roofline", "tiny", "--dtype", "int3"], "int3"),
+    (["plan", "roofline", "tiny", "--micro-batch", "0"], "--micro-batch"),
+    (["plan", "roofline", "tiny", "--decode-batch", "0"], "--decode-batch"),
+    (["plan", "roofline", "tiny", "--peak-tflops", "-1"], "--peak-tflops"),
+    (["plan", "compass", "--brief", "{w}/brief/neg_days.yaml"], "days"),
+    (["plan", "compass", "--brief", "{w}/brief/unknown.yaml"], "budgett"),
+    (["plan", "compass", "--brief", "{w}/brief/bad_target.yaml"], "target"),
+    (["plan", "compass", "--brief", "{w}/brief/gpus_text.yaml"], "gpus"),
+    (["plan", "compass", "--brief", "{w}/brief/nothere.yaml"], "nothere.yaml"),
+    (["plan", "compass", "--brief", "{w}/cfg/bad.yaml"], "bad.yaml"),
+    (["plan", "compass", "--brief", "{w}/brief/neg_days.yaml", "--out", "{t}/x.md"], "days"),
+    (["plan", "scaling", "fit", RUN, RUN, RUN, RUN, RUN], "same run"),
+    (["plan", "scaling", "fit", "{w}/nowhere"], "nowhere"),
+    (["plan", "scaling", "fit", "{w}/cfg"], "summary.json"),
+    (["hardware", "h1000"], "h1000"),  # the deprecated names fail the same way
     (["compass", "--brief", "{w}/brief/neg_days.yaml"], "days"),
-    (["compass", "--brief", "{w}/brief/unknown.yaml"], "budgett"),
-    (["compass", "--brief", "{w}/brief/bad_target.yaml"], "target"),
-    (["compass", "--brief", "{w}/brief/gpus_text.yaml"], "gpus"),
-    (["compass", "--brief", "{w}/brief/nothere.yaml"], "nothere.yaml"),
-    (["compass", "--brief", "{w}/cfg/bad.yaml"], "bad.yaml"),
-    (["compass", "--brief", "{w}/brief/neg_days.yaml", "--out", "{t}/x.md"], "days"),
-    (["scaling", "fit", RUN, RUN, RUN, RUN, RUN], "same run"),
-    (["scaling", "fit", "{w}/nowhere"], "nowhere"),
-    (["scaling", "fit", "{w}/cfg"], "summary.json"),
+    (["plan", "tiny", "--price", "-2"], "--price"),
     # ---- bench / doctor
     (["bench", "matmul", "--size", "0"], "--size"),
     (["bench", "matmul", "--dtypes", "fp7"], "fp7"),
@@ -611,7 +616,9 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 
 def _error_lines(err: str) -> list[str]:
     """The error's lines: one, or the config block (a first line, then indented field lines)."""
-    lines = [ln for ln in err.splitlines() if ln.strip() and ": warning: " not in ln]
+    lines = [
+        ln for ln in err.splitlines() if ln.strip() and not re.search(r": (warning|note): ", ln)
+    ]
     if len(lines) > 1 and "invalid configuration" in lines[0]:
         assert all(ln.startswith("  ") for ln in lines[1:]), err
         return lines[:1]

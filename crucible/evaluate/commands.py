@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "paths",
         nargs="+",
         metavar="PATH",
-        help="models to evaluate, or `compare FILES...`, or `audit RUNS...`",
+        help="models to evaluate: run directories, checkpoints or Hugging Face directories",
     )
     p.add_argument(
         "--tasks",
@@ -75,17 +75,34 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "without isolation it can read and write your files and use the network",
     )
     p.add_argument("--out", default=None, help="results JSON (default: beside the model)")
-    p.add_argument("--plot", default=None, help="audit: where to save the score-vs-tokens plot")
     p.set_defaults(func=run_command)
+
+    # `crucible eval compare` and `crucible eval audit`: their own parsers (flags, help), reached
+    # through `crucible.cli.rewrite_argv` (`eval compare ...` -> `eval-compare ...`), so that
+    # `crucible eval PATH` keeps evaluating. No help= keeps them out of the top-level list.
+    c = subparsers.add_parser(
+        "eval-compare",
+        prog="crucible eval compare",
+        description="Compare results side by side: one column per results file (or run "
+        "directory: its latest results), one row per task and metric.",
+        epilog="Example: crucible eval compare runs/a runs/b/eval/step_000300.json",
+    )
+    c.add_argument("results", nargs="+", metavar="RESULTS", help="results JSON files or run dirs")
+    c.set_defaults(func=lambda a: _compare(a.results), command_name="eval compare")
+    a = subparsers.add_parser(
+        "eval-audit",
+        prog="crucible eval audit",
+        description="Audit tasks across seeds and checkpoints: monotonicity, signal-to-noise, "
+        "distance from the random baseline, from each run's eval events and results files.",
+        epilog="Example: crucible eval audit runs/seed0 runs/seed1 runs/seed2 --plot audit.png",
+    )
+    a.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    a.add_argument("--plot", default=None, help="where to save the score-vs-tokens plot")
+    a.set_defaults(func=lambda a: _audit(a.runs, a.plot), command_name="eval audit")
     return p
 
 
 def run_command(args: argparse.Namespace) -> int:
-    head, rest = args.paths[0], args.paths[1:]
-    if head == "compare":
-        return _compare(rest)
-    if head == "audit":
-        return _audit(rest, args.plot)
     return _evaluate(args)
 
 

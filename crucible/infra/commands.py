@@ -15,7 +15,7 @@ from typing import Any
 from crucible.argtypes import JSON_HELP, fraction, nonneg_int, positive_float, positive_int
 from crucible.infra.results import Table, tables_json, to_markdown, write_json
 
-GPU_HELP = "compare with this table entry instead of the detected card (`crucible hardware`)"
+GPU_HELP = "compare with this table entry instead of the detected card (`crucible plan hardware`)"
 
 
 def _emit(tables: list[Table], args: argparse.Namespace, extra: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """Command-line entry points of the planner: `register(subparsers)` adds the `plan` group to the
 `crucible` parser: `plan model`, `plan hardware`, `plan roofline`, `plan compass` and
-`plan scaling fit`. The old top-level names (`crucible hardware` ..., and `crucible plan CONFIG`)
+`plan scaling fit`. The old top-level names (`crucible plan hardware` ..., and `crucible plan model CONFIG`)
 are rewritten to these by `crucible.cli.main` for one release, with a deprecation note.
 
 Each handler returns an exit code; errors are ValueError subclasses with a message meant for the
@@ -220,7 +220,9 @@ def _plan_parser(sub) -> None:
     p.add_argument("config", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     g = p.add_argument_group("hardware and budget")
-    g.add_argument("--gpu", default="H100 SXM", help="accelerator (`crucible hardware` lists them)")
+    g.add_argument(
+        "--gpu", default="H100 SXM", help="accelerator (`crucible plan hardware` lists them)"
+    )
     g.add_argument(
         "--gpus", type=positive_int, default=None, help="GPU count (default: the layout's)"
     )

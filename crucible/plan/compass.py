@@ -1,4 +1,4 @@
-"""`crucible compass`: why -> what -> how, from a short questionnaire to a Markdown decision record.
+"""`crucible plan compass`: why -> what -> how, from a short questionnaire to a Markdown decision record.
 
 Why: most projects should not pretrain; if prompting or fine-tuning an existing open model can
 work, that is the answer. What: the deployment target decides the model type and size, the
@@ -152,7 +152,7 @@ def _vocab_advice(b: Brief) -> str:
 
 def decide(b: Brief) -> str:
     """The decision record for a brief, as Markdown."""
-    out = ["# Decision record (crucible compass)", "", "## Why", ""]
+    out = ["# Decision record (crucible plan compass)", "", "## Why", ""]
     if b.existing_model_works or b.fine_tuning_works:
         how = "prompting" if b.existing_model_works else "fine-tuning"
         out += [
@@ -209,6 +209,6 @@ def decide(b: Brief) -> str:
         + (" (capped by the deployment target: over-train a smaller model, cheaper to serve)"
            if n < n_opt else ""),
         "- next: write a config near that size (start from a preset), check it with "
-        "`crucible plan CONFIG --gpu ... --search`, and run ablations at ~1B scale first",
+        "`crucible plan model CONFIG --gpu ... --search`, and run ablations at ~1B scale first",
     ]  # fmt: skip
     return "\n".join(out) + "\n"
