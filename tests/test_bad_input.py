@@ -648,6 +648,21 @@ def test_surprising_value_warns(argv, needle, world: Path, tmp_path: Path, monke
     assert code == 0 and needle in err, err
 
 
+def test_failed_quickstart_rerun_restores_the_previous_run(tmp_path: Path) -> None:
+    """A rerun replaces the quickstart's run only once the new one has trained."""
+    from crucible.quickstart import MARKER, quickstart
+
+    run = tmp_path / "quickstart"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / MARKER).write_text("made by crucible quickstart\n")
+    (run / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n')
+    (tmp_path / "bad.json").write_text("not a tokenizer\n")
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match="bad.json"):  # fails in the trainer's checks
+        quickstart([f"data.tokenizer={tmp_path / 'bad.json'}"], out_dir=str(tmp_path))
+    assert _snapshot(tmp_path) == before
+
+
 def test_uint32_shards_without_metadata_are_read_as_uint32(world: Path) -> None:
     from crucible.data.shards import ShardSet
 
