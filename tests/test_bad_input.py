@@ -663,6 +663,24 @@ def test_failed_quickstart_rerun_restores_the_previous_run(tmp_path: Path) -> No
     assert _snapshot(tmp_path) == before
 
 
+def test_compass_with_stdin_closed_is_one_clear_line(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    code, _, err = _run(["plan", "compass"])
+    assert code == 2 and "--brief" in err and len(_error_lines(err)) == 1, err
+
+
+def test_documented_mixture_example_runs(tmp_path: Path) -> None:
+    """docs/data.md's `data mixture` example, as written (5.1e12 is a string to YAML 1.1)."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", doc, re.S) if "available:" in b)
+    plan = tmp_path / "mixture.yaml"
+    plan.write_text(block)
+    code, out, err = _run(["data", "mixture", str(plan)])
+    assert code == 0, err
+    assert "4.44" in out  # the doc: math at 3% of 8T over 54B is 4.44 epochs
+
+
 def test_uint32_shards_without_metadata_are_read_as_uint32(world: Path) -> None:
     from crucible.data.shards import ShardSet
 
