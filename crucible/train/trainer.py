@@ -144,7 +144,8 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
                 f"checkpoint.init_from {init_from} is at step {init_step}; this run stops at "
                 f"step {end_step}: nothing to train"
             )
-    if cfg.data.tokenizer is not None:  # a bad file fails here, not after building the data
+    if cfg.data.tokenizer is not None and cfg.data.train_shards is None and not cfg.data.sources:
+        # the corpus is built with this tokenizer: a bad file fails here, not after the build
         check_tokenizer_vocab(cfg.data.tokenizer, cfg.model.vocab_size)
     barrier()
     if info.is_main:
