@@ -45,6 +45,25 @@ def _warn(cfg, command: str) -> None:
         print(f"crucible {command}: warning: {line}", file=sys.stderr)
 
 
+def _cmd_preflight(args: argparse.Namespace) -> int:
+    from crucible.pretrain import preflight
+    from crucible.train.distributed import finish, launched_by_torchrun
+    from crucible.train.preflight import print_table
+
+    cfg = load_config(args.config, args.overrides)
+    checks, info = preflight(cfg, full=args.full)
+    failed = [c for c in checks if c.status == "fail"]
+    if info.is_main:
+        print_table(checks, f"preflight of {cfg.name}" + (" (full)" if args.full else ""))
+        if failed:
+            names = ", ".join(c.name for c in failed)
+            print(f"crucible preflight: {len(failed)} check(s) failed: {names}", file=sys.stderr)
+    code = 2 if failed else 0
+    if launched_by_torchrun():
+        finish(code)
+    return code
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from crucible.quickstart import quickstart
 
@@ -197,6 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
+        "preflight",
+        help="check a config before training: a pass/warn/fail table",
+        description="Check a run before it spends its budget: batch arithmetic, the learning "
+        "rate against the schedule, seq_len against the model, tokenizer/vocabulary/shards, "
+        "tokens planned against tokens available, memory fit on this device. --full also "
+        "builds the model: same initial weights on every rank (under torchrun), a short "
+        "throughput test against the planner, a checkpoint round trip, the eval tasks load. "
+        "Exits 2 when a check fails. `crucible train` runs the fast checks first.",
+    )
+    with_config(p)
+    p.add_argument(
+        "--full", action="store_true", help="also the checks that build and run the model"
+    )
+    p.set_defaults(func=_cmd_preflight)
+
+    p = sub.add_parser(
         "quickstart",
         help="the whole path on the embedded corpus in a few minutes (no network)",
         description="Train a tokenizer on the Python standard library, tokenize it into shards, "
@@ -318,6 +353,7 @@ EXAMPLES = {
     "merge": "crucible merge merge.yaml --out runs/merged --hf",
     "chat-data": "crucible chat-data data/chat --train 5000 --test 500",
     "chat-inspect": "crucible chat-inspect data/chat --tokenizer tok/tokenizer.json --show 0",
+    "preflight": "crucible preflight smollm3-3b --full",
     "completion": "crucible completion bash > ~/.local/share/bash-completion/completions/crucible",
 }
 
@@ -354,7 +390,7 @@ def rewrite_argv(argv: list[str]) -> list[str]:
     CONFIG`) with a note on stderr. Other command lines are returned as they are."""
     from crucible.plan.commands import PLAN_COMMANDS
 
-    if len(argv) > 1 and argv[0] == "eval" and argv[1] in ("compare", "audit"):
+    if len(argv) > 1 and argv[0] == "eval" and argv[1] in ("compare", "audit", "longctx"):
         return [f"eval-{argv[1]}", *argv[2:]]
     new = None
     if argv and argv[0] in DEPRECATED:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-HIDDEN = ("eval-compare", "eval-audit")  # reached as `eval compare|audit`
+HIDDEN = ("eval-compare", "eval-audit", "eval-longctx")  # reached as `eval compare|audit|...`
 
 
 def _tree(parser: argparse.ArgumentParser, path: str = "crucible") -> dict[str, tuple]:
@@ -29,7 +29,7 @@ def _tree(parser: argparse.ArgumentParser, path: str = "crucible") -> dict[str, 
                 subs.append(name)
                 out.update(_tree(sub, f"{path} {name}"))
     if path == "crucible eval":
-        subs += ["compare", "audit"]
+        subs += ["compare", "audit", "longctx"]
     out[path] = (subs, opts)
     return out
 

@@ -24,6 +24,51 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class RopeScalingConfig(_Strict):
+    """RoPE scaling for contexts longer than the pretraining length (transformers' definitions).
+
+    linear: positions divided by `factor` (Kaiokendev / Chen et al. position interpolation).
+    dynamic: NTK-aware base rescaling, recomputed from the current length once it exceeds
+      `original_max_position_embeddings` (which defaults to model.max_seq_len).
+    yarn: NTK-by-parts interpolation plus an attention temperature (Peng et al.).
+    """
+
+    type: Literal["linear", "dynamic", "yarn"]
+    factor: float = Field(description="Context extension factor; must be > 1.")
+    original_max_position_embeddings: int | None = Field(
+        None,
+        ge=1,
+        description="dynamic/yarn: the pretraining length (default model.max_seq_len). "
+        "Not used by linear.",
+    )
+    beta_fast: float | None = Field(None, gt=0, description="yarn: extrapolation bound (32).")
+    beta_slow: float | None = Field(None, gt=0, description="yarn: interpolation bound (1).")
+    attention_factor: float | None = Field(
+        None, gt=0, description="yarn: cos/sin multiplier; default 0.1 ln(factor) + 1."
+    )
+    mscale: float | None = Field(None, gt=0, description="yarn: DeepSeek-style mscale.")
+    mscale_all_dim: float | None = Field(None, gt=0, description="yarn: with mscale.")
+    truncate: bool | None = Field(None, description="yarn: round the ramp bounds (True).")
+
+    @model_validator(mode="after")
+    def _check(self) -> RopeScalingConfig:
+        if not self.factor > 1:
+            raise ValueError(
+                f"rope_scaling.factor must be > 1 (got {self.factor}); a factor of 1 is no "
+                "scaling: remove rope_scaling instead"
+            )
+        yarn_only = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim")
+        set_yarn = [k for k in (*yarn_only, "truncate") if getattr(self, k) is not None]
+        if self.type != "yarn" and set_yarn:
+            raise ValueError(f"rope_scaling: {', '.join(set_yarn)} only apply to type yarn")
+        if self.type == "linear" and self.original_max_position_embeddings is not None:
+            raise ValueError(
+                "rope_scaling.original_max_position_embeddings is not used by type linear "
+                "(positions are divided by factor); remove it"
+            )
+        return self
+
+
 class ModelConfig(_Strict):
     """A decoder-only Llama/SmolLM3-style transformer."""
 
@@ -38,6 +83,9 @@ class ModelConfig(_Strict):
     intermediate_size: int = Field(704, ge=1, description="SwiGLU inner width.")
     max_seq_len: int = Field(256, ge=1, description="Longest sequence the model accepts.")
     rope_theta: float = Field(10000.0, gt=0)
+    rope_scaling: RopeScalingConfig | None = Field(
+        None, description="RoPE scaling for long context: linear, dynamic (NTK) or yarn."
+    )
     nope_interval: int = Field(
         0, ge=0, description="N>0: layer i has no RoPE when (i+1) % N == 0 (SmolLM3 uses 4)."
     )
@@ -70,7 +118,21 @@ class ModelConfig(_Strict):
         bad = [i for i in self.nope_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"nope_layers {bad} outside 0..{self.num_layers - 1}")
+        rs = self.rope_scaling
+        if rs is not None and (rs.original_max_position_embeddings or 0) > self.max_seq_len:
+            raise ValueError(
+                f"rope_scaling.original_max_position_embeddings "
+                f"{rs.original_max_position_embeddings} exceeds max_seq_len {self.max_seq_len}"
+            )
         return self
+
+    @property
+    def rope_original_len(self) -> int:
+        """The pretraining length RoPE scaling starts from (max_seq_len without scaling)."""
+        rs = self.rope_scaling
+        if rs is None or rs.original_max_position_embeddings is None:
+            return self.max_seq_len
+        return rs.original_max_position_embeddings
 
     @property
     def dim_per_head(self) -> int:
@@ -127,7 +189,31 @@ class DataConfig(_Strict):
         return self
 
 
+class MuonConfig(_Strict):
+    """Muon (torch.optim.Muon) for the 2-D hidden matrices when optim.name is muon."""
+
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="Peak Muon LR; null: optim.lr (right with adjust_lr match_rms_adamw). "
+        "The schedule scales it like optim.lr.",
+    )
+    momentum: float = Field(0.95, ge=0, lt=1)
+    nesterov: bool = True
+    ns_steps: int = Field(5, ge=1, le=99, description="Newton-Schulz iterations.")
+    adjust_lr: Literal["match_rms_adamw", "original"] = Field(
+        "match_rms_adamw",
+        description="match_rms_adamw: Moonlight's 0.2*sqrt(max(A,B)) (reuse AdamW LR and weight "
+        "decay); original: Keller Jordan's sqrt(max(1, A/B)) (needs a Muon LR, ~0.02).",
+    )
+    weight_decay: float | None = Field(None, ge=0, description="null: optim.weight_decay.")
+
+
 class OptimConfig(_Strict):
+    name: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon for hidden matrices, AdamW for the rest."
+    )
+    muon: MuonConfig = Field(default_factory=MuonConfig)
     lr: float = Field(3e-3, gt=0)
     betas: tuple[float, float] = Field(
         (0.9, 0.95), description="Adam's beta1, beta2; each in [0, 1)."
@@ -145,6 +231,15 @@ class OptimConfig(_Strict):
         bad = [b for b in self.betas if not 0 <= b < 1]
         if bad:
             raise ValueError(f"optim.betas {list(self.betas)}: each must be in [0, 1)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_muon(self) -> OptimConfig:
+        if self.name == "muon" and self.muon.adjust_lr == "original" and self.muon.lr is None:
+            raise ValueError(
+                "muon.lr is required with muon.adjust_lr=original (Keller Jordan's scaling "
+                "expects a Muon LR around 0.02, not the AdamW LR)"
+            )
         return self
 
 

@@ -87,10 +87,13 @@ def test_config_choices_and_errors() -> None:
     assert model_config_from_hf(d) == cfg
     with pytest.raises(ValueError, match="QK-norm"):
         to_hf_config(ModelConfig(**BASE, qk_norm=True, nope_interval=2))
-    with pytest.raises(ValueError, match="rope_type"):
-        d = to_hf_config(ModelConfig(**BASE))
-        d["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}
-        d.pop("rope_theta")
+    d = to_hf_config(ModelConfig(**BASE))
+    d["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}
+    d.pop("rope_theta")
+    assert model_config_from_hf(d).rope_scaling.factor == 2.0  # RoPE scaling is imported
+    with pytest.raises(ValueError, match="rope_type 'longrope'"):
+        d["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 5000.0, "factor": 2.0,
+                                "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}  # fmt: skip
         model_config_from_hf(d)
     with pytest.raises(ValueError, match="model_type"):
         model_config_from_hf({"model_type": "gpt2"})

@@ -3,6 +3,9 @@
 crucible eval PATH [PATH...] --tasks early,hellaswag=data/hs.jsonl [--limit N] [--out F]
 crucible eval compare A.json B.json [...]     (or run directories: their latest results)
 crucible eval audit RUN [RUN...] [--plot audit.png]
+crucible eval longctx PATH [--tasks needle,multikey,vartrack] [--lengths 256,512,1024]
+    [--depths 0,0.25,0.5,0.75,1] [--trials N] [--candidates N] [--keys words|numbers]
+    [--max-seq-len N] [--rope-scaling yarn:4 [--original-len N]] [--out F] [--plot F]
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from crucible.argtypes import nonneg_int, positive_int
 
 EVAL_HELP = (
     "evaluate run directories, checkpoints or local Hugging Face models (`eval PATH --tasks`), "
-    "compare results (`eval compare`), or audit tasks across seeds (`eval audit RUNS`)"
+    "compare results (`eval compare`), audit tasks across seeds (`eval audit RUNS`), or run "
+    "long-context retrieval tasks over lengths and depths (`eval longctx PATH`)"
 )
 
 
@@ -32,8 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tasks",
-        default="early",
-        help="comma-separated task names, groups (early, builtin) or NAME=FILE",
+        default=None,
+        help="comma-separated task names, groups (early, builtin) or NAME=FILE (default early); "
+        "longctx: needle, multikey, vartrack (default all three)",
     )
     p.add_argument("--checkpoint", default=None, help="a checkpoint of the run (default latest)")
     p.add_argument(
@@ -99,6 +104,52 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     a.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     a.add_argument("--plot", default=None, help="where to save the score-vs-tokens plot")
     a.set_defaults(func=lambda a: _audit(a.runs, a.plot), command_name="eval audit")
+    lc = subparsers.add_parser(
+        "eval-longctx",
+        prog="crucible eval longctx",
+        description="Long-context evaluation: needle retrieval over a grid of lengths and depths "
+        "(a heatmap), and the loss by position on held-out windows; optionally with RoPE "
+        "scaling applied at load time.",
+        epilog="Example: crucible eval longctx runs/long --lengths 256,512,1024 --plot lc.png",
+    )
+    lc.add_argument("paths", nargs="+", metavar="PATH", help="run directories or checkpoints")
+    lc.add_argument("--tasks", default=None, help="comma-separated long-context tasks")
+    lc.add_argument("--checkpoint", default=None, help="a checkpoint of the run (default latest)")
+    lc.add_argument("--seed", type=int, default=0)
+    lc.add_argument("--device", default="cpu")
+    lc.add_argument(
+        "--backend", choices=["auto", "transformers", "crucible"], default="auto",
+        help="how to run a Hugging Face directory",
+    )  # fmt: skip
+    lc.add_argument("--out", default=None, help="results JSON (default: beside the model)")
+    lc.add_argument("--plot", default=None, help="where to save the heatmap (PNG)")
+    lc.add_argument("--lengths", default="256,512,1024", help="sequence lengths in tokens")
+    lc.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+    lc.add_argument("--trials", type=int, default=10, help="samples per (length, depth) cell")
+    lc.add_argument("--candidates", type=int, default=10, help="answers scored per sample")
+    lc.add_argument(
+        "--loss-windows",
+        type=int,
+        default=8,
+        help="held-out windows of the longest length for loss by position (0: skip)",
+    )
+    lc.add_argument(
+        "--keys",
+        choices=["words", "numbers"],
+        default="words",
+        help="values to retrieve: single-token words (default) or 5-digit numbers",
+    )
+    lc.add_argument("--max-seq-len", type=int, default=None, help="positions to allow")
+    lc.add_argument(
+        "--rope-scaling", default=None, metavar="TYPE:FACTOR", help="e.g. yarn:4, dynamic:2"
+    )
+    lc.add_argument(
+        "--original-len",
+        type=int,
+        default=None,
+        help="length the scaling starts from (default: the model's max_seq_len)",
+    )
+    lc.set_defaults(func=lambda a: _longctx(a.paths, a), command_name="eval longctx")
     return p
 
 
@@ -148,12 +199,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     for path, ckpt in targets:
         lm, info = load_eval_model(path, ckpt, args.device, args.backend)
         tasks = evaluate_tasks(
-            lm, [args.tasks], limit=args.limit, seed=args.seed, data_dir=args.data_dir,
+            lm, [args.tasks or "early"], limit=args.limit, seed=args.seed, data_dir=args.data_dir,
             batch_size=args.batch_size, overrides=_overrides(args),
         )  # fmt: skip
         result = {
             **info,
-            "config": {"tasks": args.tasks, "limit": args.limit, "seed": args.seed,
+            "config": {"tasks": args.tasks or "early", "limit": args.limit, "seed": args.seed,
                        "batch_size": args.batch_size, **_overrides(args)},
             "tasks": tasks,
         }  # fmt: skip
@@ -174,7 +225,7 @@ def _check_tasks(args: argparse.Namespace) -> None:
     from crucible.evaluate.benchmarks import BENCHMARKS, build_benchmark, read_records
     from crucible.evaluate.suite import GROUPS, expand, task_names
 
-    for spec in expand([args.tasks]):
+    for spec in expand([args.tasks or "early"]):
         name, _, source = spec.partition("=")
         if name not in task_names():
             import difflib
@@ -239,4 +290,59 @@ def _audit(runs: list[str], plot: str | None) -> int:
     print(format_audit(stats))
     out = Path(plot) if plot else dirs[0].parent / "eval_audit.png"
     print(f"plot: {plot_audit(dirs, out)}")
+    return 0
+
+
+def _numbers(flag: str, text: str, kind: type) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _longctx(paths: list[str], args: argparse.Namespace) -> int:
+    from crucible.evaluate.load import load_eval_model
+    from crucible.evaluate.longctx import (
+        LONGCTX_TASKS,
+        check_grid,
+        evaluate_longctx,
+        extend_context,
+        format_longctx,
+        format_position_loss,
+        loss_by_position,
+        parse_rope_scaling,
+        plot_longctx,
+    )
+    from crucible.evaluate.results import default_results_path, write_results
+
+    if len(paths) != 1:
+        raise ValueError("eval longctx takes one run directory, checkpoint or HF directory")
+    tasks = args.tasks.split(",") if args.tasks else list(LONGCTX_TASKS)
+    lengths = _numbers("--lengths", args.lengths, int)
+    depths = _numbers("--depths", args.depths, float)
+    if args.rope_scaling:
+        parse_rope_scaling(args.rope_scaling)  # a malformed flag fails before loading anything
+    lm, info = load_eval_model(paths[0], args.checkpoint, args.device, args.backend)
+    lm = extend_context(lm, args.max_seq_len, args.rope_scaling, args.original_len)
+    check_grid(lm, tasks, lengths, depths, args.candidates)
+    results = evaluate_longctx(
+        lm, tasks, lengths, depths, args.trials, args.candidates, args.seed, keys=args.keys
+    )
+    position_loss = None
+    if args.loss_windows > 0:
+        position_loss = loss_by_position(lm, max(lengths), args.loss_windows, args.seed)
+    tag = f"longctx-{args.rope_scaling.replace(':', 'x')}" if args.rope_scaling else "longctx"
+    base = default_results_path(info)
+    out = Path(args.out) if args.out else base.with_name(f"{base.stem}.{tag}.json")
+    config = {"lengths": lengths, "depths": depths, "trials": args.trials,
+              "candidates": args.candidates, "keys": args.keys, "seed": args.seed, "max_seq_len": lm.max_len,
+              "rope_scaling": args.rope_scaling, "original_len": args.original_len}  # fmt: skip
+    extra = {"position_loss": position_loss} if position_loss else {}
+    write_results({**info, "config": config, "longctx": results, **extra}, out)
+    title = f"{lm.name}" + (f" ({args.rope_scaling})" if args.rope_scaling else "")
+    plot = plot_longctx(results, Path(args.plot) if args.plot else out.with_suffix(".png"), title)
+    print(format_longctx(results))
+    if position_loss:
+        print(format_position_loss(position_loss))
+    print(f"results: {out}\nheatmap: {plot}")
     return 0

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from crucible.config import ModelConfig
+from crucible.config import ModelConfig, RopeScalingConfig
 from crucible.model.transformer import Transformer
 
 _ARCHS = {
@@ -66,6 +67,56 @@ def hf_model_type(cfg: ModelConfig) -> str:
     return "llama"
 
 
+_YARN_KEYS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
+
+
+def hf_rope_scaling(cfg: ModelConfig) -> dict[str, Any]:
+    """The RoPE part of config.json without rope_theta: {"rope_type": ..., "factor": ...}."""
+    rs = cfg.rope_scaling
+    if rs is None:
+        return {"rope_type": "default"}
+    d: dict[str, Any] = {"rope_type": rs.type, "factor": rs.factor}
+    if rs.type == "yarn":
+        d["original_max_position_embeddings"] = cfg.rope_original_len
+        d.update({k: getattr(rs, k) for k in _YARN_KEYS if getattr(rs, k) is not None})
+    return d
+
+
+def rope_scaling_from_hf(
+    rope: dict[str, Any], max_position_embeddings: int
+) -> tuple[RopeScalingConfig | None, int]:
+    """(rope_scaling, max_seq_len) from transformers' rope_parameters and max_position_embeddings.
+
+    For dynamic scaling, max_position_embeddings is where scaling starts, so the model accepts
+    original x factor positions (the length the factor was chosen for).
+    """
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return None, max_position_embeddings
+    if rope_type not in ("linear", "dynamic", "yarn"):
+        raise ValueError(
+            f"unsupported RoPE scaling rope_type {rope_type!r}; supported: default, linear, "
+            "dynamic, yarn"
+        )
+    factor = rope.get("factor")
+    original = rope.get("original_max_position_embeddings")
+    if rope_type == "linear":
+        return RopeScalingConfig(type="linear", factor=factor), max_position_embeddings
+    if rope_type == "dynamic":
+        rs = RopeScalingConfig(
+            type="dynamic", factor=factor, original_max_position_embeddings=max_position_embeddings
+        )
+        return rs, int(round(max_position_embeddings * factor))
+    original = original or max_position_embeddings
+    if factor is None:  # DeepSeek-style configs imply the factor by the two lengths
+        factor = max_position_embeddings / original
+    extra = {k: rope[k] for k in _YARN_KEYS if rope.get(k) is not None}
+    rs = RopeScalingConfig(
+        type="yarn", factor=factor, original_max_position_embeddings=original, **extra
+    )
+    return rs, max_position_embeddings
+
+
 def to_hf_config(
     cfg: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None
 ) -> dict[str, Any]:
@@ -82,13 +133,18 @@ def to_hf_config(
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.dim_per_head,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
+        # transformers' dynamic NTK scaling starts beyond max_position_embeddings.
+        "max_position_embeddings": (
+            cfg.rope_original_len
+            if cfg.rope_scaling is not None and cfg.rope_scaling.type == "dynamic"
+            else cfg.max_seq_len
+        ),
         "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.norm_eps,
-        # Both spellings: transformers >= 5 reads rope_parameters, 4.x reads rope_theta.
+        # Both spellings: transformers >= 5 reads rope_parameters, 4.x rope_theta + rope_scaling.
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rope_scaling": None,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, **hf_rope_scaling(cfg)},
+        "rope_scaling": hf_rope_scaling(cfg) if cfg.rope_scaling is not None else None,
         "attention_bias": cfg.attention_bias,
         "attention_dropout": 0.0,
         "tie_word_embeddings": cfg.tie_embeddings,
@@ -135,8 +191,11 @@ def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
     if getattr(hc, "use_sliding_window", False):
         raise unsupported("sliding-window attention")
     rope = getattr(hc, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise unsupported(f"rope_type {rope['rope_type']!r} (RoPE scaling)")
+    try:
+        rope_scaling, max_seq_len = rope_scaling_from_hf(rope, hc.max_position_embeddings)
+    except ValidationError as e:
+        msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ValueError(f"cannot load {model_type} checkpoint: {msg}") from None
     theta = rope.get("rope_theta", getattr(hc, "rope_theta", 10000.0))
 
     num_layers, heads = hc.num_hidden_layers, hc.num_attention_heads
@@ -160,8 +219,9 @@ def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
         num_kv_heads=hc.num_key_value_heads or heads,
         head_dim=None if head_dim * heads == hc.hidden_size else head_dim,
         intermediate_size=hc.intermediate_size,
-        max_seq_len=hc.max_position_embeddings,
+        max_seq_len=max_seq_len,
         rope_theta=float(theta),
+        rope_scaling=rope_scaling,
         nope_interval=nope_interval,
         nope_layers=nope_layers,
         tie_embeddings=bool(hc.tie_word_embeddings),

@@ -11,6 +11,8 @@ Layout of `checkpoints/step_000123/` (format 2):
   optimizer (read by --resume and init_from only, without arbitrary unpickling:
   checkpoint_dcp), and one
   `rng_rank{r}.safetensors` per rank.
+
+Resuming is elastic: either layout loads on any world size and strategy (`load_checkpoint`).
 - `manifest.json`, written last: size and SHA-256 of every other file (checkpoint_manifest).
 
 A save writes `step_000123.tmp/`, fsyncs every file and directory, writes the manifest and renames
@@ -40,6 +42,12 @@ from torch import nn
 
 from crucible.config import ConfigError
 from crucible.train import chaos
+from crucible.train.checkpoint_elastic import (
+    load_full_broadcast,
+    load_sharded,
+    read_optimizer,
+    rng_file,
+)
 from crucible.train.checkpoint_manifest import (
     Verify,
     Warn,
@@ -57,7 +65,6 @@ from crucible.train.checkpoint_state import (
     flatten_optimizer,
     rng_tensors,
     set_rng,
-    unflatten_optimizer,
 )
 from crucible.train.checkpoint_store import (
     CheckpointWarning,
@@ -387,18 +394,12 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((Path(ckpt) / "state.json").read_text())
 
 
-def check_world_size(ckpt: Path, state: dict[str, Any], world: int) -> None:
-    saved_world = state.get("world_size", 1)
-    if saved_world != world:
-        raise ValueError(
-            f"{ckpt}: saved with {saved_world} process(es), resuming with {world}; "
-            "resume with the same world size"
-        )
-
-
-def check_init_from(ckpt: Path, world: int, *, warn: Warn | None = None) -> dict[str, Any]:
+def check_init_from(
+    ckpt: Path, world: int | None = None, *, warn: Warn | None = None
+) -> dict[str, Any]:
     """Preflight of `checkpoint.init_from`: an intact checkpoint (manifest verified, every byte
-    hashed) of this world size. Raises ValueError with one line naming the problem."""
+    hashed), of any world size (`world` is not needed: loading is elastic). Raises ValueError
+    with one line naming the problem."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise ValueError(f"checkpoint.init_from {ckpt}: no such checkpoint directory")
@@ -413,7 +414,7 @@ def check_init_from(ckpt: Path, world: int, *, warn: Warn | None = None) -> dict
     if is_legacy(ckpt):
         (warn or default_warn)(f"checkpoint {ckpt} predates manifests (format 1): unverified")
     state = read_state(ckpt)
-    check_world_size(ckpt, state, world)
+    _check_layout(ckpt, state)
     return state
 
 
@@ -435,32 +436,42 @@ def find_resume_checkpoint(checkpoints: Path, *, warn: Warn | None = None) -> Pa
     return step_dir(checkpoints, step) if step >= 0 else None
 
 
+def _check_layout(ckpt: Path, state: dict[str, Any]) -> None:
+    """A checkpoint holds the files an elastic load needs: shards, or the full safetensors."""
+    if int(state.get("world_size", 1)) > 1:
+        need = ["dcp", "rng_rank0.safetensors"]
+    else:
+        need = ["model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors"]
+    missing = [f for f in need if not (ckpt / f).exists()]
+    if missing:
+        raise CheckpointError(f"{ckpt}: incomplete checkpoint, no {missing[0]}")
+
+
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """Restore model, optimizer and RNG states in place; return the saved state.json.
 
+    Elastic: a checkpoint of any world size loads on any other (DDP, FSDP2 or one process).
+    A sharded save (`dcp/`) is read through DCP, which reshards to the current layout (also in
+    one process); a single-process save is read from its safetensors, on rank 0, and broadcast
+    and sharded by `set_state_dict`. RNG: see `rng_file`. The global data order is unaffected:
+    the loader is a pure, rank-independent function of the step.
+
     Does not verify the manifest (find_resume_checkpoint / latest_checkpoint / check_init_from
-    have). Several processes read `dcp/` through the restricted reader of checkpoint_dcp.
+    have). `dcp/` is read through the restricted reader of checkpoint_dcp.
     """
+    ckpt = Path(ckpt)
     state = read_state(ckpt)
-    check_world_size(ckpt, state, dist.get_world_size() if _is_dist() else 1)
-    if _is_dist():
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        from crucible.train.checkpoint_dcp import SafeLoadPlanner, SafeReader
-
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        sd = {"model": model_sd, "optim": optim_sd}
-        dcp.load(sd, storage_reader=SafeReader(str(ckpt / "dcp")), planner=SafeLoadPlanner())
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-        set_rng(load_file(str(ckpt / f"rng_rank{_rank()}.safetensors")))
+    _check_layout(ckpt, state)
+    world = dist.get_world_size() if _is_dist() else 1
+    if (ckpt / "dcp").is_dir():
+        load_sharded(ckpt, model, optimizer)
+    elif _is_dist():
+        load_full_broadcast(ckpt, model, optimizer)
     else:
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
         if optimizer is not None:
-            plain = json.loads((ckpt / "optimizer.json").read_text())
-            tensors = load_file(str(ckpt / "optimizer.safetensors"))
-            optimizer.load_state_dict(unflatten_optimizer(tensors, plain))
-        set_rng(load_file(str(ckpt / "rng.safetensors")))
+            optimizer.load_state_dict(read_optimizer(ckpt))
+    set_rng(load_file(str(rng_file(ckpt, int(state.get("world_size", 1)), world, _rank()))))
     return state
 
 

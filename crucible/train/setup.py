@@ -17,6 +17,7 @@ from crucible.data.loader import PretrainLoader
 from crucible.data.mixture import MixtureLoader, Stage
 from crucible.data.prepare import PreparedData
 from crucible.data.shards import ShardSet
+from crucible.model import Transformer
 from crucible.train import checkpoint as ckpt
 
 # Settings a resumed run must share with its checkpoints: they fix the weights' shapes, the
@@ -77,6 +78,14 @@ def make_loader(
         sources = {name: ShardSet(path) for name, path in data.sources.items()}
         return MixtureLoader(sources, stages, **common)
     return PretrainLoader(ShardSet(data.train_dir), **common)
+
+
+def init_model(cfg: RunConfig, device: torch.device) -> Transformer:
+    """The initial weights, seeded by `cfg.seed` alone: identical on every rank (FSDP2 keeps
+    each rank's own shard of them; preflight checks that the ranks agree)."""
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):  # initialise in place: no full-size CPU copy of a large model
+        return Transformer(cfg.model)
 
 
 def compile_model(model: torch.nn.Module, per_block: bool = False) -> None:

@@ -42,6 +42,7 @@ from crucible.train.distributed import barrier, init_distributed
 from crucible.train.metrics import MetricsLogger, console, peak_flops
 from crucible.train.optim import build_optimizer
 from crucible.train.parallelize import build_model
+from crucible.train.preflight import preflight_at_start
 from crucible.train.setup import (
     autocast_dtype,
     check_output_dir,
@@ -161,6 +162,7 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
             [token_bytes, torch.zeros(cfg.model.vocab_size - token_bytes.numel(), dtype=torch.long)]
         )
     eos = tokenizer.token_to_id(EOS_TOKEN)  # None: the shards' metadata names it
+    preflight_at_start(cfg, info, device, data, quiet)  # the fast checks; a fail stops here
 
     # ---- the run directory
     if info.is_main:

@@ -151,7 +151,7 @@ class MonitorCallback(Callback):
         """layer -> (sum of squares, element count), summed over ranks for sharded tensors."""
         sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         for name, t in tensors.items():
-            local = _local(t).float()
+            local = _local(t).detach().float()
             # Summed over all ranks below: count each piece once (TP groups repeat FSDP shards).
             share = _distinct_shards(t) / run.info.world_size
             s = sums[layer_of(name)]
