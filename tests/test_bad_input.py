@@ -168,6 +168,14 @@ CASES: list[tuple[list[str], str]] = [
     (["eval", "compare", "{w}/eval/a.json", "{w}/eval/notjson.json"], "notjson.json"),
     (["eval", "audit"], "audit"),
     (["eval", "audit", "{w}/nowhere"], "nowhere"),
+    (["eval", "longctx", RUN, "--lengths", "abc"], "--lengths"),
+    (["eval", "longctx", RUN, "--lengths", "32", "--depths", "2"], "--depths"),
+    (["eval", "longctx", RUN, "--trials", "0"], "--trials"),
+    (["eval", "longctx", RUN, "--rope-scaling", "yarn"], "--rope-scaling"),
+    (["eval", "longctx", RUN, "--lengths", "32", "--tasks", "nope"], "nope"),
+    (["eval", "longctx", RUN, "--lengths", "256"], "--max-seq-len"),
+    (["preflight", "tinyy"], "tinyy"),
+    (["preflight", "tiny", "optim.clip_grad=0"], "optim.clip_grad"),
     # ---- tokenizer
     (["tokenizer", "train", "{w}/corpus/empty.txt", "--out", "{t}/tok"], "empty.txt"),
     (

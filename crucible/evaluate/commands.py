@@ -125,11 +125,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     lc.add_argument("--plot", default=None, help="where to save the heatmap (PNG)")
     lc.add_argument("--lengths", default="256,512,1024", help="sequence lengths in tokens")
     lc.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
-    lc.add_argument("--trials", type=int, default=10, help="samples per (length, depth) cell")
-    lc.add_argument("--candidates", type=int, default=10, help="answers scored per sample")
+    lc.add_argument(
+        "--trials", type=positive_int, default=10, help="samples per (length, depth) cell"
+    )
+    lc.add_argument("--candidates", type=positive_int, default=10, help="answers scored per sample")
     lc.add_argument(
         "--loss-windows",
-        type=int,
+        type=nonneg_int,
         default=8,
         help="held-out windows of the longest length for loss by position (0: skip)",
     )
@@ -139,13 +141,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="words",
         help="values to retrieve: single-token words (default) or 5-digit numbers",
     )
-    lc.add_argument("--max-seq-len", type=int, default=None, help="positions to allow")
+    lc.add_argument("--max-seq-len", type=positive_int, default=None, help="positions to allow")
     lc.add_argument(
         "--rope-scaling", default=None, metavar="TYPE:FACTOR", help="e.g. yarn:4, dynamic:2"
     )
     lc.add_argument(
         "--original-len",
-        type=int,
+        type=positive_int,
         default=None,
         help="length the scaling starts from (default: the model's max_seq_len)",
     )
