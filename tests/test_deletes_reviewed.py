@@ -25,6 +25,7 @@ REVIEWED = {
     "train/checkpoint.py": "its own temporary and pruned checkpoints",
     "train/checkpoint_manifest.py": "its own temporary parts",
     "train/checkpoint_store.py": "pruned checkpoints of the run it trains",
+    "train/preflight_full.py": "its own fresh .preflight-<uuid> scratch folder",
     "train/setup.py": "summary.json / stopped.json of the run being resumed, after the checks",
 }
 
