@@ -505,11 +505,6 @@ class RunConfig(_Strict):
         late = [f.step for f in self.faults if f.step > self.train.steps]
         if late:
             raise ValueError(f"faults at steps {late} are after train.steps {self.train.steps}")
-        if self.schedule.min_lr > self.optim.lr:
-            raise ValueError(
-                f"schedule.min_lr {self.schedule.min_lr:g} is above optim.lr {self.optim.lr:g}: "
-                "the schedule would raise the LR; min_lr must be <= lr"
-            )
         if self.spikes.min_history > self.spikes.window:
             raise ValueError(
                 f"spikes.min_history {self.spikes.min_history} exceeds spikes.window "
@@ -645,13 +640,9 @@ def _close_anywhere(key: str) -> list[str]:
 
 def config_warnings(cfg: RunConfig) -> list[str]:
     """Settings that are legal but probably not meant; the commands print them as one line each."""
+    # The schedule's arithmetic (min_lr above lr, warmup longer than the run) is checked by the
+    # trainer's preflight (crucible/train/preflight.py), which refuses or warns before step 1.
     out = []
-    s, t = cfg.schedule, cfg.train
-    if s.kind != "constant" and s.warmup_steps >= t.steps:
-        out.append(
-            f"schedule.warmup_steps {s.warmup_steps} >= train.steps {t.steps}: the run ends "
-            f"before the LR reaches optim.lr {cfg.optim.lr:g}"
-        )
     d = cfg.data
     same = d.train_shards is not None and d.val_shards is not None
     if same and Path(d.train_shards).resolve() == Path(d.val_shards).resolve():
