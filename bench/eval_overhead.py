@@ -69,6 +69,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,16 +98,24 @@ def main() -> None:
             f"{len(task.docs)} docs x 4 choices, batch {args.batch_size}, "
             f"{torch.get_num_threads()} threads"
         )
+        rows = {}
         for name, lm in (
             ("crucible", CrucibleLM(model, tok, cfg)),
             ("transformers", HFLM(hf, tok)),
         ):
-            r = _measure(lm, requests, len(task.docs), args.batch_size, args.repeats)
+            r = rows[name] = _measure(lm, requests, len(task.docs), args.batch_size, args.repeats)
             print(
                 f"{name:<13} {r['examples_per_s']:8.1f} examples/s  bare forward "
                 f"{r['bare_forward_examples_per_s']:8.1f}/s  overhead {r['overhead']:.2f}x  "
                 f"shared-context {r['shared_context_examples_per_s']:8.1f}/s"
             )
+    if args.json:
+        import json
+        import platform
+
+        meta = {"command": "bench/eval_overhead.py", "args": vars(args), "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "machine": platform.machine()}  # fmt: skip
+        Path(args.json).write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import traceback
 from pathlib import Path
 
-from crucible.config import ConfigError, dump_config, load_config, preset_names
+from crucible.argtypes import fraction, nonneg_float, nonneg_int, positive_int
+from crucible.config import ConfigError, config_warnings, dump_config, load_config, preset_names
 
 CONFIG_HELP = (
     "a YAML config file or a shipped preset name ({}). A file may start with `base: PRESET` "
@@ -25,6 +27,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from crucible.train.distributed import finish, launched_by_torchrun
 
     cfg = load_config(args.config, args.overrides)
+    _warn(cfg, "train")
     if args.supervise:
         from crucible.train.supervisor import supervise
 
@@ -35,6 +38,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if launched_by_torchrun():
         finish(0)
     return 0
+
+
+def _warn(cfg, command: str) -> None:
+    for line in config_warnings(cfg):
+        print(f"crucible {command}: warning: {line}", file=sys.stderr)
 
 
 def _cmd_preflight(args: argparse.Namespace) -> int:
@@ -94,11 +102,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from crucible.model import export_hf
+    from crucible.model.hf import check_export_dir
     from crucible.runs import load_run_model
 
     run_dir = Path(args.run_dir)
-    model, _, ckpt = load_run_model(run_dir, args.checkpoint)
     out = Path(args.out) if args.out else run_dir / "hf"
+    check_export_dir(out, protect=[run_dir], flag="--out")
+    model, _, ckpt = load_run_model(run_dir, args.checkpoint)
     tok = run_dir / "tokenizer.json"
     chat = run_dir / "chat_template.jinja"  # chat models (SFT runs) ship their template
     export_hf(
@@ -140,7 +150,9 @@ def _cmd_count_params(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    print(dump_config(load_config(args.config, args.overrides)), end="")
+    cfg = load_config(args.config, args.overrides)
+    _warn(cfg, "config")
+    print(dump_config(cfg), end="")
     return 0
 
 
@@ -153,9 +165,16 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `crucible CMD: error: ... (see --help)`."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     presets = ", ".join(preset_names())
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="crucible",
         description="Crucible: plan, tokenize, pretrain, evaluate and export small LLMs.",
         epilog="Start with `crucible quickstart`; every command has its own --help.",
@@ -186,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "when it crashes, with exponential backoff (see --max-restarts, --backoff)",
     )
     p.add_argument(
-        "--max-restarts", type=int, default=5, help="--supervise: restarts before giving up"
+        "--max-restarts", type=nonneg_int, default=5, help="--supervise: restarts before giving up"
     )
     p.add_argument(
         "--backoff",
@@ -230,11 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=positive_int, default=100)
+    p.add_argument("--temperature", type=nonneg_float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=positive_int, default=None, help="keep the k most likely tokens")
+    p.add_argument(
+        "--top-p", type=fraction, default=None, help="nucleus sampling threshold, in (0, 1]"
+    )
+    p.add_argument("--num-samples", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="step_N directory (default: latest)")
     p.set_defaults(func=_cmd_generate)
@@ -289,7 +310,109 @@ def build_parser() -> argparse.ArgumentParser:
     register_ablate(sub)
     register_serve(sub)
     register_posttrain(sub)
+    from crucible.completion import register as register_completion
+
+    register_completion(sub)
+    _add_examples(parser)
     return parser
+
+
+# One example per command, shown at the end of its --help (commands that set their own epilog
+# with an example keep it). tests/test_cli.py checks that every command has one.
+EXAMPLES = {
+    "train": "crucible train tiny train.steps=1000 name=tiny-1k",
+    "quickstart": "crucible quickstart train.steps=100",
+    "generate": 'crucible generate runs/quickstart --prompt "def main(" --top-p 0.9',
+    "export": "crucible export runs/quickstart --out exports/quickstart",
+    "report": "crucible report runs/quickstart",
+    "count-params": "crucible count-params smollm3-3b",
+    "config": "crucible config tiny optim.lr=1e-3",
+    "presets": "crucible presets",
+    "tokenizer": "crucible tokenizer train stdlib --out tok --vocab-size 8192",
+    "tokenizer train": "crucible tokenizer train corpus/*.txt --out tok --vocab-size 8192",
+    "tokenizer eval": "crucible tokenizer eval mine=tok/tokenizer.json --corpus en=stdlib",
+    "data": "crucible data process pipeline.yaml",
+    "data process": "crucible data process pipeline.yaml",
+    "data tokenize": "crucible data tokenize processed --tokenizer tok/tokenizer.json --out shards",
+    "data mixture": "crucible data mixture mixture.yaml --max-epochs 4",
+    "eval": "crucible eval runs/quickstart --tasks early,arc_easy=data/arc_easy.jsonl",
+    "plan hardware": "crucible plan hardware h100 --json -",
+    "plan roofline": "crucible plan roofline smollm3-3b --gpu h100 --peak-tflops 720",
+    "plan compass": "crucible plan compass --brief brief.yaml --out decision.md",
+    "plan scaling": "crucible plan scaling fit runs/s1 runs/s2 runs/s3 runs/s4 runs/s5",
+    "plan scaling fit": "crucible plan scaling fit runs/s* --plot fit.png",
+    "bench": "crucible bench matmul --dtypes bf16,fp32 --json matmul.json",
+    "bench matmul": "crucible bench matmul --dtypes bf16,fp32 --json matmul.json",
+    "bench copy": "crucible bench copy --bytes 256M",
+    "bench storage": "crucible bench storage /scratch --size 1G",
+    "bench loader": "crucible bench loader shards/train --seq-len 2048 --batch 8",
+    "doctor": "crucible doctor --json doctor.json",
+    "ablate": "crucible ablate attention --dry-run",
+    "chat": "crucible chat runs/sft --no-think",
+    "serve": "crucible serve runs/sft --port 8000",
+    "merge": "crucible merge merge.yaml --out runs/merged --hf",
+    "chat-data": "crucible chat-data data/chat --train 5000 --test 500",
+    "chat-inspect": "crucible chat-inspect data/chat --tokenizer tok/tokenizer.json --show 0",
+    "preflight": "crucible preflight smollm3-3b --full",
+    "completion": "crucible completion bash > ~/.local/share/bash-completion/completions/crucible",
+}
+
+
+def subcommands(parser: argparse.ArgumentParser, prefix: str = ""):
+    """(command path, parser) of every command and subcommand, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                path = f"{prefix}{name}"
+                yield path, sub
+                yield from subcommands(sub, path + " ")
+
+
+def _add_examples(parser: argparse.ArgumentParser) -> None:
+    for path, sub in subcommands(parser):
+        example = EXAMPLES.get(path)
+        if example and "Example" not in (sub.epilog or ""):
+            sub.epilog = (sub.epilog + "\n\n" if sub.epilog else "") + f"Example: {example}"
+
+
+# Old command names, kept for one release: (old argv prefix, new argv prefix).
+DEPRECATED = {
+    "hardware": ["plan", "hardware"],
+    "roofline": ["plan", "roofline"],
+    "compass": ["plan", "compass"],
+    "scaling": ["plan", "scaling"],
+}
+
+
+def rewrite_argv(argv: list[str]) -> list[str]:
+    """`eval compare|audit ...` -> the `eval-compare|eval-audit` parsers; deprecated names:
+    `crucible hardware ...` -> `crucible plan hardware ...` (and `plan CONFIG` -> `plan model
+    CONFIG`) with a note on stderr. Other command lines are returned as they are."""
+    from crucible.plan.commands import PLAN_COMMANDS
+
+    if len(argv) > 1 and argv[0] == "eval" and argv[1] in ("compare", "audit", "longctx"):
+        return [f"eval-{argv[1]}", *argv[2:]]
+    new = None
+    if argv and argv[0] in DEPRECATED:
+        new = [*DEPRECATED[argv[0]], *argv[1:]]
+    elif len(argv) > 1 and argv[0] == "plan" and argv[1] not in (*PLAN_COMMANDS, "-h", "--help"):
+        new = ["plan", "model", *argv[1:]]
+    if new is None:
+        return argv
+    old_name = " ".join(argv[:1] if argv[0] != "plan" else ["plan", "CONFIG"])
+    new_name = " ".join(new[:2])
+    print(
+        f"crucible: note: `crucible {old_name}` is deprecated and will be removed in the next "
+        f"release; use `crucible {new_name}`",
+        file=sys.stderr,
+    )
+    return new
+
+
+_USER_OS_ERRORS = {
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC,
+    errno.EEXIST, errno.EDQUOT,
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -299,23 +422,32 @@ def main(argv: list[str] | None = None) -> None:
     from crucible.train.errors import TrainingStopped
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = rewrite_argv(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    name = getattr(args, "command_name", args.command)
     try:
         code = args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         # One clear line (or a short block for config validation), no traceback.
         if os.environ.get("CRUCIBLE_DEBUG"):
             raise
-        print(f"crucible {args.command}: error: {e}", file=sys.stderr)
+        print(f"crucible {name}: error: {e}", file=sys.stderr)
+        code = 2
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS or os.environ.get("CRUCIBLE_DEBUG"):
+            raise
+        # The environment refused a read or write (read-only mount, no permission, disk full).
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"crucible {name}: error: {where}{e.strerror}", file=sys.stderr)
         code = 2
     except TrainingStopped as e:
-        print(f"crucible {args.command}: {e}", file=sys.stderr)
+        print(f"crucible {name}: {e}", file=sys.stderr)
         code = e.exit_code
     except KeyboardInterrupt:
         code = 130
     except Exception:  # noqa: BLE001 - a bug: show where, exit 1
         rank = os.environ.get("RANK")
-        print(f"crucible {args.command}: internal error" + (f" on rank {rank}" if rank else ""),
+        print(f"crucible {name}: internal error" + (f" on rank {rank}" if rank else ""),
               file=sys.stderr)  # fmt: skip
         traceback.print_exc()
         code = 1

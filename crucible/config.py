@@ -215,12 +215,23 @@ class OptimConfig(_Strict):
     )
     muon: MuonConfig = Field(default_factory=MuonConfig)
     lr: float = Field(3e-3, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = Field(
+        (0.9, 0.95), description="Adam's beta1, beta2; each in [0, 1)."
+    )
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     decay_embeddings: bool = Field(True, description="Apply weight decay to embeddings.")
-    clip_grad: float | None = Field(1.0, description="Max global grad norm; null disables.")
+    clip_grad: float | None = Field(
+        1.0, gt=0, description="Max global grad norm (> 0); null disables clipping."
+    )
     fused: bool | None = Field(None, description="Fused AdamW; default: on for CUDA.")
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> OptimConfig:
+        bad = [b for b in self.betas if not 0 <= b < 1]
+        if bad:
+            raise ValueError(f"optim.betas {list(self.betas)}: each must be in [0, 1)")
+        return self
 
     @model_validator(mode="after")
     def _check_muon(self) -> OptimConfig:
@@ -255,7 +266,7 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     val_every: int = Field(100, ge=0, description="0 disables periodic validation.")
     val_batches: int = Field(8, ge=1, description="Micro-batches per validation.")
-    threads: int | None = Field(None, description="torch CPU threads; default: torch's.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's.")
     stop_at: int | None = Field(
         None,
         ge=1,
@@ -517,8 +528,11 @@ def preset_names() -> list[str]:
     )
 
 
-def _read_yaml(source: str | Path) -> tuple[dict[str, Any], str]:
-    """Read a config file or preset name; return (mapping, label used in error messages)."""
+def _read_yaml(source: str | Path, _seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+    """Read a config file or preset name; return (mapping, label used in error messages).
+
+    `_seen` holds the files already on the `base:` chain, so a cycle is an error, not a recursion.
+    """
     path = Path(source)
     if not path.exists() and not str(source).endswith((".yaml", ".yml")):
         if str(source) in preset_names():
@@ -532,18 +546,31 @@ def _read_yaml(source: str | Path) -> tuple[dict[str, Any], str]:
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         text, label = path.read_text(), str(path)
+    if not text.strip():
+        raise ConfigError(
+            f"{label}: the config file is empty; write at least `base: PRESET` "
+            f"(presets: {', '.join(preset_names())})"
+        )
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{label}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        raise ConfigError(f"{label}: the config file holds only comments; write `base: PRESET`")
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: expected a mapping at the top level")
     base = data.pop("base", None)
     if base is not None:
         # `base: tiny` inherits a preset (or another file) and overrides it.
-        parent, _ = _read_yaml(base if Path(base).is_absolute() else _resolve_base(base, path))
+        if not isinstance(base, str):
+            raise ConfigError(f"{label}: base: {base!r} must be a preset name or a file path")
+        me = str(path.resolve()) if path.is_file() else label
+        target = base if Path(base).is_absolute() else _resolve_base(base, path)
+        if Path(target).is_file() and str(Path(target).resolve()) in (*_seen, me):
+            raise ConfigError(f"{label}: base: {base} makes a cycle (a file inherits itself)")
+        parent, _ = _read_yaml(target, (*_seen, me))
         data = _deep_merge(parent, data)
     return data, label
 
@@ -590,6 +617,42 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
+def _leaf_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _leaf_paths(ann, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def _close_anywhere(key: str) -> list[str]:
+    """Dotted paths in other sections whose last part is `key` or close to it (lr -> optim.lr)."""
+    paths = _leaf_paths(RunConfig)
+    exact = [p for p in paths if p.rsplit(".", 1)[-1] == key]
+    if exact:
+        return exact
+    leaves = {p.rsplit(".", 1)[-1]: p for p in paths}
+    return [leaves[c] for c in difflib.get_close_matches(key, list(leaves), n=1)]
+
+
+def config_warnings(cfg: RunConfig) -> list[str]:
+    """Settings that are legal but probably not meant; the commands print them as one line each."""
+    # The schedule's arithmetic (min_lr above lr, warmup longer than the run) is checked by the
+    # trainer's preflight (crucible/train/preflight.py), which refuses or warns before step 1.
+    out = []
+    d = cfg.data
+    same = d.train_shards is not None and d.val_shards is not None
+    if same and Path(d.train_shards).resolve() == Path(d.val_shards).resolve():
+        out.append(
+            f"data.val_shards is data.train_shards ({d.train_shards}): validation loss will "
+            "measure memorisation, not generalisation"
+        )
+    return out
+
+
 def format_validation_error(err: ValidationError, label: str) -> str:
     lines = [f"{label}: invalid configuration"]
     for e in err.errors():
@@ -597,7 +660,7 @@ def format_validation_error(err: ValidationError, label: str) -> str:
         path = ".".join(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             allowed = _known_fields(RunConfig, loc[:-1])
-            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            close = difflib.get_close_matches(loc[-1], allowed, n=1) or _close_anywhere(loc[-1])
             hint = f" Did you mean '{close[0]}'?" if close else ""
             lines.append(
                 f"  {path}: unknown key.{hint} Allowed: {', '.join(allowed)}"

@@ -5,6 +5,7 @@ Runs on 2 CPU cores in a few minutes with no network, on the embedded standard-l
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -58,11 +59,23 @@ def quickstart(overrides: list[str] | None = None, out_dir: str = "runs") -> Pat
                 f"{run_dir} exists and was not made by the quickstart: choose another name= "
                 "or --out-dir (nothing was deleted)"
             )
-        shutil.rmtree(run_dir)
+        # Kept aside until the new run has trained: a rerun that fails restores it.
+        previous = run_dir.with_name(f".{run_dir.name}.previous-{os.getpid()}")
+        run_dir.rename(previous)
+    else:
+        previous = None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / MARKER).write_text("made by crucible quickstart; rerunning it replaces this run\n")
     console.rule("[bold]1-4. tokenizer, shards, pretraining, validation")
-    result = run_pretraining(cfg)
+    try:
+        result = run_pretraining(cfg)
+    except BaseException:
+        if previous is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)  # the failed rerun, made just now
+            previous.rename(run_dir)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
     console.rule("[bold]5. samples (KV-cache generation)")
     model, _, _ = load_run_model(run_dir)  # the final checkpoint, read back as a user would
     samples = sample_texts(model, load_tokenizer(result.tokenizer_path))

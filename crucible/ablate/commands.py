@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from crucible.ablate.stats import ALPHA
+from crucible.argtypes import open_fraction, positive_int
 
 ABLATE_HELP = "run an ablation suite (baseline + variants x seeds) and report verdicts"
 
@@ -34,11 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="estimate wall time from a default throughput instead of 3 measured steps",
     )
     p.add_argument("--report-only", action="store_true", help="only (re)write the report")
-    p.add_argument("--alpha", type=float, default=ALPHA, help="significance level of verdicts")
+    p.add_argument(
+        "--alpha", type=open_fraction, default=ALPHA, help="significance level of verdicts"
+    )
     p.add_argument("--verbose", action="store_true", help="show each run's training log")
     p.add_argument(
         "--jobs",
-        type=int,
+        type=positive_int,
         default=1,
         help="train up to N runs at once, as separate processes with cores // N threads each",
     )

@@ -248,7 +248,9 @@ def load_suite(source: str | Path) -> Suite:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{label}: invalid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{label}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
     suite = parse_suite(data, label)
     # A baseline config file is found relative to the suite file, like `base:` in configs.
     if suite_dir is not None and (suite_dir / suite.config).is_file():

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from crucible.argtypes import check_out_path, positive_float, positive_int, removed_on_failure
+
 DEFAULT_VOCAB = 8192
 
 
@@ -52,11 +54,28 @@ def _pairs(values: list[str], what: str) -> list[tuple[str, str]]:
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from crucible.tokenizer.train import LAB_SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+    from crucible.tokenizer.train import LAB_SPECIAL_TOKENS, load_tokenizer
 
+    check_out_path(args.out, "--out")
+    if args.special_tokens is not None and not all(args.special_tokens.split(",")):
+        raise ValueError(f"--special-tokens {args.special_tokens!r}: empty token name")
     specials = tuple(args.special_tokens.split(",")) if args.special_tokens else LAB_SPECIAL_TOKENS
     texts = _input_texts(args.inputs, args.text_field, args.max_mb)
-    path = train_tokenizer(
+    try:
+        path = _train_tokenizer(texts, args, specials)
+    except ValueError as e:
+        if "no text" in str(e):
+            raise ValueError(f"{', '.join(args.inputs)}: {e}") from None
+        raise
+    n = load_tokenizer(path).get_vocab_size(with_added_tokens=True)
+    print(f"wrote {path} ({n} tokens; special: {', '.join(specials)})")
+    return 0
+
+
+def _train_tokenizer(texts, args: argparse.Namespace, specials: tuple[str, ...]) -> Path:
+    from crucible.tokenizer.train import train_tokenizer
+
+    return train_tokenizer(
         texts,
         args.vocab_size,
         args.out,
@@ -65,9 +84,6 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
         round_to=args.round_to,
         split_digits=args.split_digits,
     )
-    n = load_tokenizer(path).get_vocab_size(with_added_tokens=True)
-    print(f"wrote {path} ({n} tokens; special: {', '.join(specials)})")
-    return 0
 
 
 def _cmd_tokenizer_eval(args: argparse.Namespace) -> int:
@@ -76,6 +92,7 @@ def _cmd_tokenizer_eval(args: argparse.Namespace) -> int:
     from crucible.tokenizer.metrics import EvalCorpus, evaluate_tokenizers
     from crucible.tokenizer.report import bar_chart, metrics_table, write_json
 
+    check_out_path(args.out, "--out")
     names, paths = [], []
     for spec in args.tokenizers:
         label, sep, path = spec.partition("=")
@@ -85,6 +102,8 @@ def _cmd_tokenizer_eval(args: argparse.Namespace) -> int:
     corpora = []
     for label, spec in _pairs(args.corpus, "--corpus"):
         text = "\n".join(_input_texts([spec], args.text_field, args.max_mb))
+        if not text.strip():
+            raise ValueError(f"--corpus {label}={spec}: no text")
         lang = langs.get(label, label if re.fullmatch(r"[a-z]{2,3}", label) else None)
         corpora.append(EvalCorpus(label, text, lang))
     rows = evaluate_tokenizers(paths, corpora, args.splitter, args.collapse_whitespace, names=names)
@@ -115,21 +134,25 @@ def _cmd_data_process(args: argparse.Namespace) -> int:
 
 def _cmd_data_tokenize(args: argparse.Namespace) -> int:
     from crucible.data.tokenize import tokenize_jsonl_dir, tokenize_jsonl_files
+    from crucible.tokenizer.train import load_tokenizer
 
+    check_out_path(args.out, "--out")
+    load_tokenizer(args.tokenizer)  # a bad file fails before anything is written
     kwargs = dict(
         num_workers=args.workers,
         shard_tokens=args.shard_tokens,
         text_field=args.text_field,
         show_progress=sys.stderr.isatty(),
     )
-    if len(args.inputs) == 1 and Path(args.inputs[0]).is_dir():
-        summary = tokenize_jsonl_dir(args.inputs[0], args.tokenizer, args.out, **kwargs)
-    else:
-        files = [Path(p) for p in args.inputs]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"no such file: {f}")
-        summary = tokenize_jsonl_files(files, args.tokenizer, args.out, **kwargs)
+    with removed_on_failure(args.out):
+        if len(args.inputs) == 1 and Path(args.inputs[0]).is_dir():
+            summary = tokenize_jsonl_dir(args.inputs[0], args.tokenizer, args.out, **kwargs)
+        else:
+            files = [Path(p) for p in args.inputs]
+            for f in files:
+                if not f.is_file():
+                    raise FileNotFoundError(f"no such file: {f}")
+            summary = tokenize_jsonl_files(files, args.tokenizer, args.out, **kwargs)
     for name, s in summary["sources"].items():
         print(f"{args.out}/{name}: {s['tokens']:,} tokens, {s['docs']:,} docs ({s['dtype']})")
     return 0
@@ -140,13 +163,38 @@ def _cmd_data_mixture(args: argparse.Namespace) -> int:
 
     from crucible.data.mixture import plan_epochs
 
-    plan = yaml.safe_load(Path(args.plan).read_text()) or {}
-    available = dict(plan.get("available") or {})
+    if not Path(args.plan).is_file():
+        raise FileNotFoundError(f"{args.plan}: no such mixture plan")
+    try:
+        plan = yaml.safe_load(Path(args.plan).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{args.plan}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(plan, dict):
+        raise ValueError(f"{args.plan}: expected a mapping with `stages:` and `available:`")
+
+    def num(value, where: str, zero_ok: bool = False) -> float:
+        # YAML 1.1 reads 5.1e12 (no sign in the exponent) as a string: accept it as a number.
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{args.plan}: {where} {value!r} is not a number") from None
+        if not (x >= 0 if zero_ok else x > 0) or x != x:
+            raise ValueError(
+                f"{args.plan}: {where} {value!r} must be {'>= 0' if zero_ok else '> 0'}"
+            )
+        return x
+
+    available = {k: num(v, f"available.{k}") for k, v in (plan.get("available") or {}).items()}
     if "shards" in plan:  # token counts from a `data tokenize` output
         root = Path(args.plan).parent / plan["shards"]
         summary = json.loads((root / "sources.json").read_text())
         available.update({k: v["tokens"] for k, v in summary["sources"].items()})
-    stages = [(s["name"], float(s["tokens"]), s["weights"]) for s in plan.get("stages", [])]
+    stages = []
+    for i, st in enumerate(plan.get("stages") or []):
+        if not isinstance(st, dict) or not {"name", "tokens", "weights"} <= set(st):
+            raise ValueError(f"{args.plan}: stages[{i}] needs name, tokens and weights")
+        weights = {k: num(w, f"stages[{i}].weights.{k}", True) for k, w in st["weights"].items()}
+        stages.append((st["name"], num(st["tokens"], f"stages[{i}].tokens"), weights))
     if not stages:
         raise ValueError(f"{args.plan}: no stages")
     missing = {src for _, _, w in stages for src in w} - set(available)
@@ -187,17 +235,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "for the embedded corpus (SUBSET: stdlib-code, stdlib-docs, pydoc-topics)",
     )
     p.add_argument("--out", required=True, help="output directory (or a .json file)")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB)
-    p.add_argument("--round-to", type=int, default=128, help="round the vocabulary up to this")
+    p.add_argument("--vocab-size", type=positive_int, default=DEFAULT_VOCAB)
+    p.add_argument(
+        "--round-to", type=positive_int, default=128, help="round the vocabulary up to this"
+    )
     p.add_argument("--split-digits", action="store_true", help="one token per digit")
-    p.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair")
+    p.add_argument(
+        "--min-frequency", type=positive_int, default=2, help="least count of a merged pair"
+    )
     p.add_argument(
         "--special-tokens",
         help="comma-separated, EOS first (default: <|endoftext|>, <|pad|>, <|im_start|>, "
         "<|im_end|>, <|begin_of_text|>)",
     )
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    p.add_argument("--max-mb", type=float, help="use at most this many MB of text")
+    p.add_argument("--max-mb", type=positive_float, help="use at most this many MB of text")
     p.set_defaults(func=_cmd_tokenizer_train)
 
     p = tsub.add_parser(
@@ -228,7 +280,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="collapse whitespace runs first (prose: indentation would dominate bytes/token)",
     )
-    p.add_argument("--max-mb", type=float, default=2.0, help="text cap per corpus")
+    p.add_argument("--max-mb", type=positive_float, default=2.0, help="text cap per corpus")
     p.add_argument("--text-field", default="text")
     p.add_argument("--out", default="tokenizer-eval", help="where the JSON and PNG go")
     p.set_defaults(func=_cmd_tokenizer_eval)
@@ -258,8 +310,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="a processed directory, or .jsonl files")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    p.add_argument("--shard-tokens", type=int, help="tokens per .ds file (default 64 Mi)")
+    p.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes")
+    p.add_argument("--shard-tokens", type=positive_int, help="tokens per .ds file (default 64 Mi)")
     p.add_argument("--text-field", default="text")
     p.set_defaults(func=_cmd_data_tokenize)
 
@@ -273,5 +325,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=fmt,
     )
     p.add_argument("plan", help="mixture plan YAML")
-    p.add_argument("--max-epochs", type=float, default=4.0)
+    p.add_argument("--max-epochs", type=positive_float, default=4.0)
     p.set_defaults(func=_cmd_data_mixture)

@@ -86,11 +86,21 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"pipeline file not found: {p}")
-    raw = yaml.safe_load(p.read_text()) or {}
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ValueError(f"{p}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{p}: expected a mapping with sources:, steps: and output:")
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        raise ValueError(f"{p}: {e}") from None
+        problems = "; ".join(
+            f"{'.'.join(map(str, x['loc'])) or '(top level)'}: {x['msg']}" for x in e.errors()
+        )
+        raise ValueError(f"{p}: {problems}") from None
     # Relative paths are relative to the pipeline file, not the working directory.
     base = p.parent
     for src in cfg.sources:
@@ -102,7 +112,27 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:
             value = getattr(cfg.tokenize, key)
             if not os.path.isabs(value):
                 setattr(cfg.tokenize, key, str(base / value))
+    _check_output(cfg, p)
     return cfg
+
+
+def _check_output(cfg: PipelineConfig, path: Path) -> None:
+    """The output may not hold the inputs, nor be a folder of someone else's JSONL files."""
+    out = Path(cfg.output).resolve()
+    for src in cfg.sources:
+        for spec in src.paths:
+            fixed = Path(spec.split("*")[0].split("?")[0].split("[")[0])
+            folder = (fixed if fixed.is_dir() else fixed.parent).resolve()
+            if folder.is_relative_to(out):
+                raise ValueError(
+                    f"{path}: output {cfg.output} holds the input {spec} of source "
+                    f"{src.name!r}; write the output to another folder"
+                )
+    if out.is_dir() and any(out.glob("*.jsonl")) and not (out / "stats.json").is_file():
+        raise ValueError(
+            f"{path}: output {cfg.output} holds .jsonl files that no pipeline wrote (no "
+            "stats.json); choose an empty or new folder (nothing was deleted)"
+        )
 
 
 Step = Callable[[str], FilterResult]

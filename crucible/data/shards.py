@@ -263,6 +263,24 @@ def _read_token_size(path: Path) -> int | None:
     return None
 
 
+def _index_token_size(path: Path) -> int | None:
+    """Bytes per token implied by the document index (its last entry counts the shard's tokens),
+    for shards without metadata: uint32 ids must not be read as twice as many uint16 ones."""
+    idx = path.with_name(path.name + ".index")
+    if not idx.is_file() or idx.stat().st_size < 8 or not path.is_file():
+        return None
+    with idx.open("rb") as f:
+        f.seek(-8, os.SEEK_END)
+        tokens = int(np.frombuffer(f.read(8), dtype="<u8")[0])
+    nbytes = path.stat().st_size
+    if tokens and nbytes in (2 * tokens, 4 * tokens):
+        return nbytes // tokens
+    raise ValueError(
+        f"{path}: {nbytes} bytes for the {tokens} tokens its index counts; neither uint16 nor "
+        "uint32 (a damaged or mismatched shard)"
+    )
+
+
 class ShardSet:
     """Read-only view of ``.ds`` shards as one token stream (numpy memmaps, nothing loaded).
 
@@ -289,7 +307,7 @@ class ShardSet:
         if "dtype" in self.meta:
             self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         else:
-            sizes = {_read_token_size(f) for f in files} - {None}
+            sizes = {_read_token_size(f) or _index_token_size(f) for f in files} - {None}
             if len(sizes) > 1:
                 raise ValueError(f"shards mix token sizes {sorted(sizes)}: {specs}")
             self.dtype = np.dtype("<u4") if sizes == {4} else np.dtype("<u2")

@@ -41,9 +41,19 @@ def read_records(source: str | Path) -> list[Record]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         if path.name.endswith((".json", ".json.gz")):
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
             return data if isinstance(data, list) else data.get("data", [])
-        return [json.loads(line) for line in f if line.strip()]
+        records = []
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        return records
 
 
 def _read_hf(spec: str) -> list[Record]:

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from crucible.argtypes import nonneg_int, positive_int
+
 EVAL_HELP = (
     "evaluate run directories, checkpoints or local Hugging Face models (`eval PATH --tasks`), "
     "compare results (`eval compare`), audit tasks across seeds (`eval audit RUNS`), or run "
@@ -30,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "paths",
         nargs="+",
         metavar="PATH",
-        help="models to evaluate, or `compare FILES...`, `audit RUNS...`, `longctx PATH`",
+        help="models to evaluate: run directories, checkpoints or Hugging Face directories",
     )
     p.add_argument(
         "--tasks",
@@ -44,8 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate every complete checkpoint of each run",
     )
-    p.add_argument("--limit", type=int, default=None, help="documents per task (fixed subset)")
-    p.add_argument("--fewshot", type=int, default=None, help="override few-shot examples")
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="documents per task (fixed subset)"
+    )
+    p.add_argument("--fewshot", type=nonneg_int, default=None, help="override few-shot examples")
     p.add_argument(
         "--formulation",
         choices=["cf", "mcf"],
@@ -55,12 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--pmi", action="store_true", help="also compute acc_pmi (2x the cost)")
     p.add_argument(
         "--samples",
-        type=int,
+        type=positive_int,
         default=None,
         help="generations per problem for pass@k / maj@k (sampled, temperature 0.8)",
     )
     p.add_argument("--data-dir", default=None, help="directory with <task>.jsonl benchmark files")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -76,17 +80,58 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "without isolation it can read and write your files and use the network",
     )
     p.add_argument("--out", default=None, help="results JSON (default: beside the model)")
-    p.add_argument(
-        "--plot", default=None, help="audit: score-vs-tokens plot; longctx: the heatmap (PNG)"
+    p.set_defaults(func=run_command)
+
+    # `crucible eval compare` and `crucible eval audit`: their own parsers (flags, help), reached
+    # through `crucible.cli.rewrite_argv` (`eval compare ...` -> `eval-compare ...`), so that
+    # `crucible eval PATH` keeps evaluating. No help= keeps them out of the top-level list.
+    c = subparsers.add_parser(
+        "eval-compare",
+        prog="crucible eval compare",
+        description="Compare results side by side: one column per results file (or run "
+        "directory: its latest results), one row per task and metric.",
+        epilog="Example: crucible eval compare runs/a runs/b/eval/step_000300.json",
     )
-    lc = p.add_argument_group("long context (eval longctx)")
+    c.add_argument("results", nargs="+", metavar="RESULTS", help="results JSON files or run dirs")
+    c.set_defaults(func=lambda a: _compare(a.results), command_name="eval compare")
+    a = subparsers.add_parser(
+        "eval-audit",
+        prog="crucible eval audit",
+        description="Audit tasks across seeds and checkpoints: monotonicity, signal-to-noise, "
+        "distance from the random baseline, from each run's eval events and results files.",
+        epilog="Example: crucible eval audit runs/seed0 runs/seed1 runs/seed2 --plot audit.png",
+    )
+    a.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    a.add_argument("--plot", default=None, help="where to save the score-vs-tokens plot")
+    a.set_defaults(func=lambda a: _audit(a.runs, a.plot), command_name="eval audit")
+    lc = subparsers.add_parser(
+        "eval-longctx",
+        prog="crucible eval longctx",
+        description="Long-context evaluation: needle retrieval over a grid of lengths and depths "
+        "(a heatmap), and the loss by position on held-out windows; optionally with RoPE "
+        "scaling applied at load time.",
+        epilog="Example: crucible eval longctx runs/long --lengths 256,512,1024 --plot lc.png",
+    )
+    lc.add_argument("paths", nargs="+", metavar="PATH", help="run directories or checkpoints")
+    lc.add_argument("--tasks", default=None, help="comma-separated long-context tasks")
+    lc.add_argument("--checkpoint", default=None, help="a checkpoint of the run (default latest)")
+    lc.add_argument("--seed", type=int, default=0)
+    lc.add_argument("--device", default="cpu")
+    lc.add_argument(
+        "--backend", choices=["auto", "transformers", "crucible"], default="auto",
+        help="how to run a Hugging Face directory",
+    )  # fmt: skip
+    lc.add_argument("--out", default=None, help="results JSON (default: beside the model)")
+    lc.add_argument("--plot", default=None, help="where to save the heatmap (PNG)")
     lc.add_argument("--lengths", default="256,512,1024", help="sequence lengths in tokens")
     lc.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
-    lc.add_argument("--trials", type=int, default=10, help="samples per (length, depth) cell")
-    lc.add_argument("--candidates", type=int, default=10, help="answers scored per sample")
+    lc.add_argument(
+        "--trials", type=positive_int, default=10, help="samples per (length, depth) cell"
+    )
+    lc.add_argument("--candidates", type=positive_int, default=10, help="answers scored per sample")
     lc.add_argument(
         "--loss-windows",
-        type=int,
+        type=nonneg_int,
         default=8,
         help="held-out windows of the longest length for loss by position (0: skip)",
     )
@@ -96,28 +141,21 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="words",
         help="values to retrieve: single-token words (default) or 5-digit numbers",
     )
-    lc.add_argument("--max-seq-len", type=int, default=None, help="positions to allow")
+    lc.add_argument("--max-seq-len", type=positive_int, default=None, help="positions to allow")
     lc.add_argument(
         "--rope-scaling", default=None, metavar="TYPE:FACTOR", help="e.g. yarn:4, dynamic:2"
     )
     lc.add_argument(
         "--original-len",
-        type=int,
+        type=positive_int,
         default=None,
         help="length the scaling starts from (default: the model's max_seq_len)",
     )
-    p.set_defaults(func=run_command)
+    lc.set_defaults(func=lambda a: _longctx(a.paths, a), command_name="eval longctx")
     return p
 
 
 def run_command(args: argparse.Namespace) -> int:
-    head, rest = args.paths[0], args.paths[1:]
-    if head == "compare":
-        return _compare(rest)
-    if head == "audit":
-        return _audit(rest, args.plot)
-    if head == "longctx":
-        return _longctx(rest, args)
     return _evaluate(args)
 
 
@@ -155,6 +193,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from crucible.evaluate.results import default_results_path, format_table, write_results
     from crucible.evaluate.suite import evaluate_tasks
 
+    _check_tasks(args)
     targets = _targets(args)
     if args.out and len(targets) > 1:
         raise ValueError("--out names one file; drop it to write one results file per checkpoint")
@@ -178,6 +217,40 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 1 if any_error else 0
 
 
+def _check_tasks(args: argparse.Namespace) -> None:
+    """Before any model is loaded: every task name is known, and a NAME=FILE task's file reads
+    and yields records (a file whose records all lack the benchmark's fields is an error; some
+    invalid records are a warning)."""
+    import sys
+
+    from crucible.config import ConfigError
+    from crucible.evaluate.benchmarks import BENCHMARKS, build_benchmark, read_records
+    from crucible.evaluate.suite import GROUPS, expand, task_names
+
+    for spec in expand([args.tasks or "early"]):
+        name, _, source = spec.partition("=")
+        if name not in task_names():
+            import difflib
+
+            close = difflib.get_close_matches(name, [*task_names(), *GROUPS], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"--tasks: unknown task {name!r}{hint}; known: {', '.join(task_names())}; "
+                f"groups: {', '.join(GROUPS)}"
+            )
+        if source and name in BENCHMARKS:
+            task = build_benchmark(name, read_records(source))
+            if not task.docs:
+                why = f" ({task.invalid_examples[0]})" if task.invalid_examples else ""
+                raise ConfigError(f"--tasks {name}={source}: no usable {name} records{why}")
+            if task.invalid:
+                print(
+                    f"crucible eval: warning: {source}: {task.invalid} of "
+                    f"{task.invalid + len(task.docs)} records skipped ({task.invalid_examples[0]})",
+                    file=sys.stderr,
+                )
+
+
 def _results_file(path: str) -> Path:
     p = Path(path)
     if p.is_dir():
@@ -195,7 +268,13 @@ def _compare(paths: list[str]) -> int:
 
     if len(paths) < 2:
         raise ValueError("eval compare needs two or more results files or run directories")
-    results = [json.loads(_results_file(p).read_text()) for p in paths]
+    results = []
+    for p in paths:
+        f = _results_file(p)
+        try:
+            results.append(json.loads(f.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}:{e.lineno}: not a results JSON ({e.msg})") from None
     print(compare_table(results))
     return 0
 
@@ -206,6 +285,9 @@ def _audit(runs: list[str], plot: str | None) -> int:
     if not runs:
         raise ValueError("eval audit needs run directories")
     dirs = [Path(r) for r in runs]
+    for d in dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: no such run directory")
     stats = audit(dirs)
     print(format_audit(stats))
     out = Path(plot) if plot else dirs[0].parent / "eval_audit.png"

@@ -12,9 +12,10 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from crucible.argtypes import JSON_HELP, fraction, nonneg_int, positive_float, positive_int
 from crucible.infra.results import Table, tables_json, to_markdown, write_json
 
-GPU_HELP = "compare with this table entry instead of the detected card (`crucible hardware`)"
+GPU_HELP = "compare with this table entry instead of the detected card (`crucible plan hardware`)"
 
 
 def _emit(tables: list[Table], args: argparse.Namespace, extra: dict[str, Any]) -> None:
@@ -24,7 +25,8 @@ def _emit(tables: list[Table], args: argparse.Namespace, extra: dict[str, Any]) 
             args.json,
             {"command": f"bench {args.bench_command}", **extra, "tables": tables_json(tables)},
         )
-        print(f"\nwrote {args.json}", file=sys.stderr)
+        if args.json != "-":
+            print(f"\nwrote {args.json}", file=sys.stderr)
 
 
 def _device(args: argparse.Namespace):
@@ -61,7 +63,7 @@ def _cmd_collectives(args: argparse.Namespace) -> int:
     if args.dtype not in co.DTYPES:
         raise ValueError(f"unknown dtype '{args.dtype}' (known: {', '.join(co.DTYPES)})")
     backend = co.pick_backend(args.backend)
-    sizes = [parse_size(s) for s in _csv(args.sizes or co.default_sizes(backend))]
+    sizes = [parse_size(s, "--sizes") for s in _csv(args.sizes or co.default_sizes(backend))]
     params = dict(ops=ops, sizes=sizes, dtype=args.dtype, iters=args.iters, warmup=args.warmup)
     if launched_by_torchrun():
         import torch.distributed as dist
@@ -106,7 +108,7 @@ def _cmd_copy(args: argparse.Namespace) -> int:
 
     device = _device(args)
     acc = kernels.device_accelerator(device, args.gpu)
-    nbytes = parse_size(args.bytes) if args.bytes else None
+    nbytes = parse_size(args.bytes, "--bytes") if args.bytes else None
     rows, notes = kernels.copy_bench(device, nbytes, acc, args.min_time)
     head = _header(device)
     _emit([kernels.kernels_table("Copy bandwidth", rows, [head["device"], *notes])], args, head)
@@ -119,7 +121,7 @@ def _cmd_storage(args: argparse.Namespace) -> int:
 
     rows, notes = [], []
     if args.size:
-        path, wrote = storage.write_test_file(args.dir, parse_size(args.size))
+        path, wrote = storage.write_test_file(args.dir, parse_size(args.size, "--size"))
         try:
             read = storage.read_throughput_file(path)
         finally:
@@ -131,7 +133,7 @@ def _cmd_storage(args: argparse.Namespace) -> int:
             "memory cannot be served from the page cache"
         )
     else:
-        limit = parse_size(args.limit) if args.limit else None
+        limit = parse_size(args.limit, "--limit") if args.limit else None
         rows = [storage.read_throughput(args.dir, limit)]
         notes.append(
             "files read one after the other in path order; nothing is dropped from "
@@ -179,7 +181,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print(report_markdown(report), end="")
     if args.json:
         write_json(args.json, report.to_json())
-        print(f"\nwrote {args.json}", file=sys.stderr)
+        if args.json != "-":
+            print(f"\nwrote {args.json}", file=sys.stderr)
     return 0 if report.ok else 1
 
 
@@ -187,7 +190,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    p.add_argument("--json", default=None, metavar="PATH", help=JSON_HELP)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -209,13 +212,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "of nodes). gloo on CPU, NCCL on GPU by default.",
         epilog="Example: crucible bench collectives --nproc 2 --sizes 1M,16M",
     )
-    p.add_argument("--nproc", type=int, default=None, help="ranks to spawn (default: GPUs, or 2)")
+    p.add_argument(
+        "--nproc", type=positive_int, default=None, help="ranks to spawn (default: GPUs, or 2)"
+    )
     p.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"))
     p.add_argument("--ops", default="all_reduce,all_gather,reduce_scatter,all_to_all,broadcast")
     p.add_argument("--sizes", default=None, help="S per op, e.g. 1M,64M,1G (default by backend)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
-    p.add_argument("--iters", type=int, default=10, help="timed operations per size")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=positive_int, default=10, help="timed operations per size")
+    p.add_argument("--warmup", type=nonneg_int, default=2)
     _common(p)
     p.set_defaults(func=_cmd_collectives)
 
@@ -226,10 +231,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "CPU: fp32, bf16), 2n^3 FLOP each, against the card's dense peak.",
     )
     p.add_argument("--dtypes", default=None, help="comma list, e.g. bf16,fp8")
-    p.add_argument("--size", type=int, default=None, help="n (default 8192 GPU, 1024 CPU)")
+    p.add_argument("--size", type=positive_int, default=None, help="n (default 8192 GPU, 1024 CPU)")
     p.add_argument("--gpu", default=None, help=GPU_HELP)
     p.add_argument("--cpu", action="store_true", help="measure the CPU even if CUDA is present")
-    p.add_argument("--min-time", type=float, default=0.5, help="seconds per dtype")
+    p.add_argument("--min-time", type=positive_float, default=0.5, help="seconds per dtype")
     _common(p)
     p.set_defaults(func=_cmd_matmul)
 
@@ -243,7 +248,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bytes", default=None, help="buffer size (default 1G GPU, 128M CPU)")
     p.add_argument("--gpu", default=None, help=GPU_HELP)
     p.add_argument("--cpu", action="store_true", help="host memcpy only")
-    p.add_argument("--min-time", type=float, default=0.3, help="seconds per copy kind")
+    p.add_argument("--min-time", type=positive_float, default=0.3, help="seconds per copy kind")
     _common(p)
     p.set_defaults(func=_cmd_copy)
 
@@ -268,10 +273,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tokens/s (host side, no device copy).",
     )
     p.add_argument("shards", help="a shard directory, glob or .ds file")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=8, help="sequences per step")
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds to measure")
-    p.add_argument("--eos-id", type=int, default=None, help="when the shards lack dataset.json")
+    p.add_argument("--seq-len", type=positive_int, default=2048)
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per step")
+    p.add_argument("--min-time", type=positive_float, default=1.0, help="seconds to measure")
+    p.add_argument(
+        "--eos-id", type=nonneg_int, default=None, help="when the shards lack dataset.json"
+    )
     _common(p)
     p.set_defaults(func=_cmd_loader)
 
@@ -288,7 +295,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-storage", action="store_true", help="skip the checkpoint round trip")
     p.add_argument("--no-measure", action="store_true", help="environment only, no timings")
     p.add_argument("--gpu", default=None, help=GPU_HELP)
-    p.add_argument("--threshold", type=float, default=0.5, help="fail below this share of table")
-    p.add_argument("--min-time", type=float, default=0.3, help="seconds per timing")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the report here")
+    p.add_argument("--threshold", type=fraction, default=0.5, help="fail below this share of table")
+    p.add_argument("--min-time", type=positive_float, default=0.3, help="seconds per timing")
+    p.add_argument("--json", default=None, metavar="PATH", help=JSON_HELP)
     p.set_defaults(func=_cmd_doctor)

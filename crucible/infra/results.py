@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,9 @@ def to_markdown(table: Table) -> str:
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    Path(path).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    from crucible.argtypes import write_json_arg
+
+    write_json_arg(path, payload)
 
 
 def tables_json(tables: list[Table]) -> list[dict[str, Any]]:

@@ -42,7 +42,7 @@ def measure(
     return Timing(statistics.median(times), statistics.fmean(times), min(times), len(times))
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str | None = None) -> int:
     """Bytes from '512', '64K', '16M', '1G', '1.5GiB' (binary multiples: K = 1024)."""
     s = text.strip().upper().removesuffix("IB").removesuffix("B")
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -51,7 +51,10 @@ def parse_size(text: str) -> int:
             return int(float(s[:-1]) * mult[s[-1]])
         return int(float(s))
     except ValueError:
-        raise ValueError(f"cannot read '{text}' as a size (e.g. 4096, 64K, 16M, 1G)") from None
+        where = f"{flag} " if flag else ""
+        raise ValueError(
+            f"{where}cannot read '{text}' as a size (e.g. 4096, 64K, 16M, 1G)"
+        ) from None
 
 
 def human_bytes(n: float) -> str:

@@ -354,9 +354,11 @@ def export_hf(
         tensors[_to_hf_name(name)] = t.contiguous()
     hf_cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
 
+    check_export_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        (tmp / EXPORT_MARKER).write_text("written by crucible export; a re-export replaces it\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         gen = {"bos_token_id": bos_token_id, "eos_token_id": stop_ids}
@@ -368,6 +370,39 @@ def export_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+EXPORT_MARKER = ".crucible-export"
+
+
+def check_export_dir(
+    out: str | os.PathLike, protect: list[Path] | tuple = (), flag: str = "out_dir"
+) -> None:
+    """Refuse an output directory whose replacement would lose data: one of `protect` (or a
+    directory holding one, or inside one's checkpoints), a file, or a non-empty directory that is
+    not a previous export (exports carry a marker file). Raises ConfigError before any work."""
+    from crucible.config import ConfigError
+
+    o = Path(out).resolve()
+    for p in protect:
+        p = Path(p).resolve()
+        if o == p or p.is_relative_to(o) or o.is_relative_to(p / "checkpoints"):
+            raise ConfigError(
+                f"{flag} {out}: would replace {p} or part of it; choose a new directory "
+                f"(the default is {Path(p) / 'hf'})"
+            )
+    if o.exists() and not o.is_dir():
+        raise ConfigError(f"{flag} {out}: exists and is not a directory")
+    if o.is_dir() and any(o.iterdir()) and not (o / EXPORT_MARKER).is_file():
+        raise ConfigError(
+            f"{flag} {out}: a non-empty directory that is not a previous export (no "
+            f"{EXPORT_MARKER}); choose a new or empty directory (nothing was deleted)"
+        )
+    probe = o.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {out}: not writable (checked {probe})")
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 from crucible.plan.hardware import Accelerator
 
+# Default MFU of the planner, against the dense bf16 peak, with FLOPs counted as 6N + causal
+# attention. SmolLM3 (3B, 384 H100s, 13.5-14k tokens/s per GPU) ran at 27.6-28.7% by that count;
+# docs/planning.md compares it with other published runs.
+DEFAULT_MFU = 0.28
+
 SECONDS_PER_DAY = 86_400
 # SmolLM3's spend (the playbook): ablations and debugging next to the main run, in GPU-hours.
 SMOLLM3_EXPERIMENT_GPU_HOURS = 161_000

@@ -1,5 +1,7 @@
-"""Command-line entry points of the planner: `register(subparsers)` adds
-`plan`, `hardware`, `roofline`, `compass` and `scaling` to the `crucible` parser.
+"""Command-line entry points of the planner: `register(subparsers)` adds the `plan` group to the
+`crucible` parser: `plan model`, `plan hardware`, `plan roofline`, `plan compass` and
+`plan scaling fit`. The old top-level names (`crucible plan hardware` ..., and `crucible plan model CONFIG`)
+are rewritten to these by `crucible.cli.main` for one release, with a deprecation note.
 
 Each handler returns an exit code; errors are ValueError subclasses with a message meant for the
 user (the CLI prints them without a traceback).
@@ -8,10 +10,20 @@ user (the CLI prints them without a traceback).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+
+from crucible.argtypes import (
+    JSON_HELP,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    write_json_arg,
+)
+from crucible.plan.budget import DEFAULT_MFU
 
 CONFIG_HELP = "a YAML config file or a shipped preset name (see `crucible presets`)"
 OVERRIDES_HELP = "dotted overrides, e.g. model.num_layers=24 train.seq_len=8192"
@@ -38,6 +50,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from crucible.plan.memory import Layout
     from crucible.plan.report import PlanRequest, plan_markdown
 
+    if args.budget_cost and args.price is None:
+        raise ValueError("--budget-cost needs --price (the price per GPU-hour)")
     cfg = load_config(args.config, args.overrides)
     trainer = bool(args.write_config or args.trainer_only)
     seq = args.seq_len or cfg.train.seq_len
@@ -70,6 +84,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         moe=_moe(args),
         search=args.search,
         top=args.top,
+        flops=args.flops,
+        params=args.params,
         trainer_only=args.trainer_only,
     )
     print(plan_markdown(cfg, req), end="")
@@ -117,8 +133,9 @@ def _cmd_hardware(args: argparse.Namespace) -> int:
 
     accs = [find_accelerator(args.name)] if args.name else list(ACCELERATORS)
     if args.json:
-        print(json.dumps([asdict(a) for a in accs], indent=1))
-        return 0
+        write_json_arg(args.json, [asdict(a) for a in accs])
+        if args.json == "-":
+            return 0
     print("Dense peaks (TFLOP/s; 2:4 sparse figures are twice these and never used for MFU)\n")
     print("| accelerator | bf16 | fp8 | tf32 | fp32 | memory GiB | HBM GB/s | ridge bf16 | link |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -171,7 +188,10 @@ def _cmd_compass(args: argparse.Namespace) -> int:
     brief = load_brief(Path(args.brief)) if args.brief else ask()
     text = decide(brief)
     if args.out:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
         print(f"decision record written to {args.out}", file=sys.stderr)
     else:
         print(text, end="")
@@ -187,7 +207,7 @@ def _cmd_scaling_fit(args: argparse.Namespace) -> int:
 
 def _plan_parser(sub) -> None:
     p = sub.add_parser(
-        "plan",
+        "model",
         help="parameters, FLOPs, memory per GPU, GPU-days and cost, parallel layouts",
         description="Plan a run from its config: exact parameters by component (MoE: total and "
         "active), FLOPs per token (6N + attention), KV cache, memory per GPU for a parallel "
@@ -195,38 +215,79 @@ def _plan_parser(sub) -> None:
         "days x cost for the token budget at a stated MFU against the card's dense peak, the "
         "tokens a budget buys, compute-optimal size and tokens, and (--search) the ranked "
         "layouts that fit and reach the config's global batch.",
-        epilog="Example: crucible plan smollm3-3b --gpu h100 --gpus 384 --search",
+        epilog="Example: crucible plan model smollm3-3b --gpu h100 --gpus 384 --search",
     )
     p.add_argument("config", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     g = p.add_argument_group("hardware and budget")
-    g.add_argument("--gpu", default="H100 SXM", help="accelerator (`crucible hardware` lists them)")
-    g.add_argument("--gpus", type=int, default=None, help="GPU count (default: the layout's)")
-    g.add_argument("--days", type=float, default=None, help="solve for the GPU count instead")
-    g.add_argument("--tokens", type=float, default=None, help="default: steps x tokens per step")
-    g.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation (0.35)")
-    g.add_argument("--price", type=float, default=None, help="price per GPU-hour, for the cost")
+    g.add_argument(
+        "--gpu", default="H100 SXM", help="accelerator (`crucible plan hardware` lists them)"
+    )
+    g.add_argument(
+        "--gpus", type=positive_int, default=None, help="GPU count (default: the layout's)"
+    )
+    g.add_argument(
+        "--days", type=positive_float, default=None, help="solve for the GPU count instead"
+    )
+    g.add_argument(
+        "--tokens", type=positive_float, default=None, help="default: steps x tokens per step"
+    )
+    g.add_argument(
+        "--mfu",
+        type=fraction,
+        default=DEFAULT_MFU,
+        help=f"model FLOPs utilisation against the dense peak ({DEFAULT_MFU}; docs/planning.md "
+        "compares it with published runs)",
+    )
+    g.add_argument(
+        "--flops",
+        choices=("6N+attention", "6N"),
+        default="6N+attention",
+        help="FLOPs per token: 6N plus causal attention (default), or 6N alone (the playbook's "
+        "and Chinchilla's count)",
+    )
+    g.add_argument(
+        "--params",
+        type=positive_float,
+        default=None,
+        help="N of 6N, e.g. 3e9, instead of the config's matmul parameter count",
+    )
+    g.add_argument(
+        "--price", type=nonneg_float, default=None, help="price per GPU-hour, for the cost"
+    )
     g.add_argument(
         "--peak-tflops",
-        type=float,
+        type=positive_float,
         default=None,
         help="MFU denominator instead of the table's dense bf16 peak (with --memory-gib: a "
         "card the table lacks)",
     )
-    g.add_argument("--memory-gib", type=float, default=None, help="memory of an unlisted card")
-    g.add_argument("--budget-gpu-hours", type=float, default=None, help="tokens for this budget")
-    g.add_argument("--budget-cost", type=float, default=None, help="...or this cost (--price)")
+    g.add_argument(
+        "--memory-gib", type=positive_float, default=None, help="memory of an unlisted card"
+    )
+    g.add_argument(
+        "--budget-gpu-hours", type=positive_float, default=None, help="tokens for this budget"
+    )
+    g.add_argument(
+        "--budget-cost", type=positive_float, default=None, help="...or this cost (--price)"
+    )
     g = p.add_argument_group("layout")
-    g.add_argument("--dp", type=int, default=None, help="data parallel (default: GPUs / others)")
-    g.add_argument("--tp", type=int, default=1, help="tensor parallel")
-    g.add_argument("--pp", type=int, default=1, help="pipeline parallel")
-    g.add_argument("--cp", type=int, default=1, help="context parallel")
+    g.add_argument(
+        "--dp", type=positive_int, default=None, help="data parallel (default: GPUs / others)"
+    )
+    g.add_argument("--tp", type=positive_int, default=1, help="tensor parallel")
+    g.add_argument("--pp", type=positive_int, default=1, help="pipeline parallel")
+    g.add_argument("--cp", type=positive_int, default=1, help="context parallel")
     g.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage")
-    g.add_argument("--micro-batch", type=int, default=None, help="default: the config's")
-    g.add_argument("--seq-len", type=int, default=None, help="default: the config's")
+    g.add_argument("--micro-batch", type=positive_int, default=None, help="default: the config's")
+    g.add_argument("--seq-len", type=positive_int, default=None, help="default: the config's")
     g.add_argument("--recompute", default="none", choices=("none", "selective", "full"))
     g.add_argument(
-        "--recompute-every", type=int, default=1, metavar="N", help="recompute every N-th block"
+        "--recompute-every",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="recompute every N-th block",
     )
     g.add_argument(
         "--precision",
@@ -249,17 +310,32 @@ def _plan_parser(sub) -> None:
         help="write the chosen layout (with --search: the best one the trainer runs) as a "
         "training config for `crucible train`",
     )
-    g.add_argument("--top", type=int, default=5, help="layouts to show with --search")
+    g.add_argument("--top", type=positive_int, default=5, help="layouts to show with --search")
     g = p.add_argument_group("mixture of experts (replaces every MLP)")
-    g.add_argument("--experts", type=int, default=0, help="number of routed experts")
-    g.add_argument("--top-k", type=int, default=2, help="experts per token")
-    g.add_argument("--expert-intermediate", type=int, default=None, help="expert SwiGLU width")
-    g.add_argument("--shared-experts", type=int, default=0, help="always-on experts")
+    g.add_argument("--experts", type=nonneg_int, default=0, help="number of routed experts")
+    g.add_argument("--top-k", type=positive_int, default=2, help="experts per token")
+    g.add_argument(
+        "--expert-intermediate", type=positive_int, default=None, help="expert SwiGLU width"
+    )
+    g.add_argument("--shared-experts", type=nonneg_int, default=0, help="always-on experts")
     p.set_defaults(func=_cmd_plan)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the planner's commands to `crucible`'s subparsers."""
+PLAN_COMMANDS = ("model", "hardware", "roofline", "compass", "scaling")
+
+
+def register(top: argparse._SubParsersAction) -> None:
+    """Add the `plan` group and its commands to `crucible`'s subparsers."""
+    group = top.add_parser(
+        "plan",
+        help="plan a run: model (params, FLOPs, memory, GPUs x days), hardware, roofline, "
+        "compass, scaling",
+        description="The planner. `crucible plan model CONFIG` sizes a run; the other "
+        "subcommands list accelerators, place operations on a roofline, decide whether to "
+        "pretrain, and fit scaling laws.",
+        epilog="Example: crucible plan model smollm3-3b --gpus 384 --tokens 11e12",
+    )
+    subparsers = group.add_subparsers(dest="plan_command", required=True, metavar="SUBCOMMAND")
     _plan_parser(subparsers)
 
     p = subparsers.add_parser(
@@ -269,7 +345,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Peaks are dense; sparse figures are kept apart and never used for MFU.",
     )
     p.add_argument("name", nargs="?", help="one accelerator, e.g. h100 or 'A100 80GB'")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", default=None, metavar="PATH", help=JSON_HELP)
     p.set_defaults(func=_cmd_hardware)
 
     p = subparsers.add_parser(
@@ -283,10 +359,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--gpu", default="H100 SXM")
     p.add_argument("--dtype", default="bf16")
-    p.add_argument("--micro-batch", type=int, default=None)
-    p.add_argument("--decode-batch", type=int, default=1, help="sequences per decode step")
+    p.add_argument("--micro-batch", type=positive_int, default=None)
+    p.add_argument("--decode-batch", type=positive_int, default=1, help="sequences per decode step")
     p.add_argument(
-        "--peak-tflops", type=float, default=None, help="a measured ceiling (e.g. 720 on H100)"
+        "--peak-tflops",
+        type=positive_float,
+        default=None,
+        help="a measured ceiling (e.g. 720 on H100)",
     )
     p.set_defaults(func=_cmd_roofline)
 

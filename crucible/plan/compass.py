@@ -1,4 +1,4 @@
-"""`crucible compass`: why -> what -> how, from a short questionnaire to a Markdown decision record.
+"""`crucible plan compass`: why -> what -> how, from a short questionnaire to a Markdown decision record.
 
 Why: most projects should not pretrain; if prompting or fine-tuning an existing open model can
 work, that is the answer. What: the deployment target decides the model type and size, the
@@ -14,7 +14,11 @@ from typing import Any
 
 import yaml
 
-from crucible.plan.budget import SMOLLM3_EXPERIMENT_SHARE, reserve_for_experiments
+from crucible.plan.budget import (
+    DEFAULT_MFU,
+    SMOLLM3_EXPERIMENT_SHARE,
+    reserve_for_experiments,
+)
 from crucible.plan.hardware import find_accelerator
 from crucible.plan.scaling import TOKENS_PER_PARAM_RULE
 
@@ -46,7 +50,7 @@ class Brief:
     gpu: str = "H100 SXM"
     gpus: int = 8
     days: float = 30.0
-    mfu: float = 0.35
+    mfu: float = DEFAULT_MFU
     experiment_share: float = SMOLLM3_EXPERIMENT_SHARE
 
 
@@ -78,7 +82,21 @@ def brief_from_mapping(data: dict[str, Any]) -> Brief:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown brief keys {unknown}; allowed: {', '.join(sorted(known))}")
-    b = Brief(**{k: _coerce(k, v) for k, v in data.items()})
+    values = {}
+    for k, v in data.items():
+        try:
+            values[k] = _coerce(k, v)
+        except (TypeError, ValueError):
+            kind = type(getattr(Brief(), k)).__name__
+            raise ValueError(f"brief key {k}: {v!r} is not a {kind}") from None
+    b = Brief(**values)
+    for k in ("gpus", "days", "context_length"):
+        if getattr(b, k) <= 0:
+            raise ValueError(f"brief key {k}: {getattr(b, k)} must be > 0")
+    if not 0 < b.mfu <= 1:
+        raise ValueError(f"brief key mfu: {b.mfu} must be in (0, 1]")
+    if not 0 <= b.experiment_share < 1:
+        raise ValueError(f"brief key experiment_share: {b.experiment_share} must be in [0, 1)")
     if b.purpose not in PURPOSES:
         raise ValueError(f"purpose '{b.purpose}' must be one of {PURPOSES}")
     if b.target not in TARGETS:
@@ -88,7 +106,12 @@ def brief_from_mapping(data: dict[str, Any]) -> Brief:
 
 
 def load_brief(path: Path) -> Brief:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--brief {path}: no such file")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of answers")
     return brief_from_mapping(data)
@@ -99,7 +122,13 @@ def ask(input_fn=input) -> Brief:
     answers: dict[str, Any] = {}
     defaults = Brief()
     for name, question in QUESTIONS:
-        raw = input_fn(f"{question} [{getattr(defaults, name)}] ").strip()
+        try:
+            raw = input_fn(f"{question} [{getattr(defaults, name)}] ").strip()
+        except EOFError:
+            raise ValueError(
+                "compass: standard input closed before the questionnaire ended; answer "
+                "interactively or pass --brief FILE.yaml"
+            ) from None
         if raw:
             answers[name] = raw
         if name == "fine_tuning_works" and (
@@ -123,7 +152,7 @@ def _vocab_advice(b: Brief) -> str:
 
 def decide(b: Brief) -> str:
     """The decision record for a brief, as Markdown."""
-    out = ["# Decision record (crucible compass)", "", "## Why", ""]
+    out = ["# Decision record (crucible plan compass)", "", "## Why", ""]
     if b.existing_model_works or b.fine_tuning_works:
         how = "prompting" if b.existing_model_works else "fine-tuning"
         out += [
@@ -180,6 +209,6 @@ def decide(b: Brief) -> str:
         + (" (capped by the deployment target: over-train a smaller model, cheaper to serve)"
            if n < n_opt else ""),
         "- next: write a config near that size (start from a preset), check it with "
-        "`crucible plan CONFIG --gpu ... --search`, and run ablations at ~1B scale first",
+        "`crucible plan model CONFIG --gpu ... --search`, and run ablations at ~1B scale first",
     ]  # fmt: skip
     return "\n".join(out) + "\n"

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from crucible.config import RunConfig
-from crucible.plan.budget import ComputePlan, gpu_days_for_tokens, tokens_for_budget
-from crucible.plan.flops import attention_flops_per_token, matmul_params, train_flops_per_token
+from crucible.plan.budget import DEFAULT_MFU, ComputePlan, gpu_days_for_tokens, tokens_for_budget
+from crucible.plan.flops import attention_flops_per_token, matmul_params
 from crucible.plan.hardware import Accelerator
 from crucible.plan.kvcache import kv_cache_bytes_per_sequence, kv_cache_bytes_per_token
 from crucible.plan.memory import Layout, MiB, Precision, estimate_memory
@@ -24,7 +24,7 @@ class PlanRequest:
     gpus: int | None = None  # default: the layout's world size
     days: float | None = None  # give days to get a GPU count instead
     tokens: float | None = None  # default: steps x tokens per step of the config
-    mfu: float = 0.35
+    mfu: float = DEFAULT_MFU
     price_per_gpu_hour: float | None = None
     peak_tflops: float | None = None
     budget_gpu_hours: float | None = None
@@ -33,6 +33,8 @@ class PlanRequest:
     moe: MoESpec | None = None
     search: bool = False
     top: int = 5
+    flops: str = "6N+attention"  # or "6N": the playbook's and Chinchilla's count
+    params: float | None = None  # N of 6N instead of the config's matmul parameters
     trainer_only: bool = False  # rank only the layouts `crucible train` runs
 
 
@@ -56,15 +58,19 @@ def plan_markdown(cfg: RunConfig, req: PlanRequest) -> str:
     if p.mlp_active is not None:
         out.append(f"| active per token | {_n(p.active)} | {p.active / p.total:.1%} |")
 
-    fpt = train_flops_per_token(m, seq, req.moe)
-    att = attention_flops_per_token(m, seq)
+    if req.flops not in ("6N", "6N+attention"):
+        raise ValueError(f"--flops {req.flops!r}: must be 6N or 6N+attention")
+    n_flops = req.params or matmul_params(m, req.moe)
+    att = attention_flops_per_token(m, seq) if req.flops == "6N+attention" else 0.0
+    fpt = 6 * n_flops + att
+    what = "given with --params" if req.params else "matmul parameters, output head included"
     out += [
         "",
-        f"## FLOPs per token (sequence {seq})",
+        f"## FLOPs per token (sequence {seq}, counted as {req.flops})",
         "",
-        f"- 6N (N = {_n(matmul_params(m, req.moe))} matmul parameters, output head included): "
-        f"{_sci(fpt - att)}",
-        f"- causal attention (QK^T, AV; forward + backward): {_sci(att)}",
+        f"- 6N (N = {_n(n_flops)} {what}): {_sci(6 * n_flops)}",
+        f"- causal attention (QK^T, AV; forward + backward): {_sci(att)}"
+        + ("" if att else " (not counted: --flops 6N)"),
         f"- **training FLOPs per token: {_sci(fpt)}**",
         f"- KV cache (bf16): {_n(kv_cache_bytes_per_token(m))} bytes per token, "
         f"{kv_cache_bytes_per_sequence(m, m.max_seq_len) / MiB:,.1f} MiB per "

@@ -39,7 +39,19 @@ def read_run(run_dir: Path) -> RunPoint:
 
 
 def fit_runs_report(run_dirs: list[Path], plot: str | None = None) -> str:
+    seen: dict[Path, Path] = {}
+    for d in run_dirs:
+        key = Path(d).resolve()
+        if key in seen:
+            raise ValueError(f"scaling fit: {d} is the same run as {seen[key]}; list each run once")
+        seen[key] = Path(d)
     pts = [read_run(d) for d in run_dirs]
+    if len(pts) >= 5 and len({(p.params, p.tokens) for p in pts}) < 3:
+        raise ValueError(
+            "scaling fit: L(N, D) needs runs at several sizes and token counts; these runs span "
+            f"{len({p.params for p in pts})} size(s) and {len({p.tokens for p in pts})} token "
+            "count(s)"
+        )
     out = [f"# Scaling fits over {len(pts)} runs", ""]
     n = [p.params for p in pts]
     d = [p.tokens for p in pts]

@@ -6,6 +6,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
+from crucible.argtypes import check_out_path, nonneg_int, positive_int
 from crucible.config import ConfigError
 
 
@@ -38,6 +39,7 @@ def _cmd_chat_data(args: argparse.Namespace) -> int:
         raise ConfigError("--train and --test must be >= 0")
     tasks = _parse_tasks(args.tasks)
     out = Path(args.out_dir)
+    check_out_path(out, "OUT_DIR")
     for split, n in (("train", args.train), ("test", args.test)):
         convs = generate(split, n, seed=args.seed, tasks=tasks)  # type: ignore[arg-type]
         path = out / f"{split}.jsonl"
@@ -106,8 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "its arithmetic never appears in train.",
     )
     p.add_argument("out_dir", help="directory for train.jsonl and test.jsonl")
-    p.add_argument("--train", type=int, default=5000, help="training conversations")
-    p.add_argument("--test", type=int, default=500, help="held-out conversations")
+    p.add_argument("--train", type=positive_int, default=5000, help="training conversations")
+    p.add_argument("--test", type=nonneg_int, default=500, help="held-out conversations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--tasks",
@@ -131,7 +133,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", default=None, help="a Jinja chat template (default: built-in)")
     p.add_argument("--split", default="train", help="split of a dataset directory")
     p.add_argument("--loss", choices=["assistant", "completion"], default="assistant")
-    p.add_argument("--seq-len", type=int, default=None, help="row length to truncate and pack to")
+    p.add_argument(
+        "--seq-len", type=positive_int, default=None, help="row length to truncate and pack to"
+    )
     p.add_argument("--truncation", choices=["drop", "keep_start", "error"], default="drop")
-    p.add_argument("--show", type=int, action="append", help="print conversation N (repeatable)")
+    p.add_argument(
+        "--show", type=nonneg_int, action="append", help="print conversation N (repeatable)"
+    )
     p.set_defaults(func=_cmd_chat_inspect)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crucible.argtypes import positive_int
+
 MERGE_HELP = (
     "merge models (linear, model_soup, slerp, task_arithmetic, ties, dare_linear, dare_ties) "
     "from a mergekit-style YAML into a run directory, optionally searching a weight on an eval"
@@ -31,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "density); the best point is written to OUT",
     )
     p.add_argument("--task", default=None, help="eval task scoring each --search point")
-    p.add_argument("--limit", type=int, default=None, help="documents of the task per point")
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="documents of the task per point"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the task subset")
     p.set_defaults(func=run_command)

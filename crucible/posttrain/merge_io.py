@@ -148,8 +148,18 @@ def _run_config(template: Source, name: str) -> RunConfig:
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    """--overwrite replaces only a previous merge (a directory with merge.yaml), never a run."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    if not (out.exists() and any(out.iterdir())):
+        return
+    if not overwrite:
         raise ConfigError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+    if not (out / "merge.yaml").is_file():
+        raise ConfigError(
+            f"--out {out}: not a previous merge (no merge.yaml); --overwrite only replaces "
+            "merges, choose a new directory (nothing was deleted)"
+        )
 
 
 def write_run(

@@ -67,10 +67,16 @@ def write_run_report(
     ]
     md = "\n".join(lines)
     md_path = run_dir / "report.md"
-    md_path.write_text(md)
+    _write_atomic(md_path, md)
     html_path = run_dir / "report.html"
-    html_path.write_text(markdown_to_html(md, run_dir.name))
+    _write_atomic(html_path, markdown_to_html(md, run_dir.name))
     return md_path, html_path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def incident_lines(run_dir: Path) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crucible.argtypes import fraction, nonneg_float, nonneg_int, port, positive_int
 from crucible.config import ConfigError
 
 
@@ -75,10 +76,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_model_args(p)
     p.add_argument("--system", default="", help="initial system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=512, help="longest reply in tokens"
+    )
+    p.add_argument("--temperature", type=nonneg_float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling threshold")
+    p.add_argument(
+        "--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (0: off)"
+    )
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.set_defaults(func=_cmd_chat)
 
@@ -91,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument(
         "--model-name", default=None, help="the model id clients use (default: the run's name)"
     )

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from crucible.tokenizer.train import load_tokenizer
 from crucible.tokenizer.words import Backend, splitter_name, word_splitter
 
 Encoder = Callable[[list[str]], list[list[int]]]  # texts -> ids, no special tokens
@@ -78,11 +79,10 @@ def load_encoder(spec: str | os.PathLike[str]) -> tuple[str, Encoder]:
     transformers tokenizer directory (never downloads: ``local_files_only``)."""
     p = Path(spec)
     if p.is_file():
-        return p.stem if p.name != "tokenizer.json" else p.parent.name, _from_tokenizers(
-            Tokenizer.from_file(str(p))
-        )
+        name = p.stem if p.name != "tokenizer.json" else p.parent.name
+        return name, _from_tokenizers(load_tokenizer(p))
     if (p / "tokenizer.json").is_file():
-        return p.name, _from_tokenizers(Tokenizer.from_file(str(p / "tokenizer.json")))
+        return p.name, _from_tokenizers(load_tokenizer(p / "tokenizer.json"))
     if p.is_dir():
         from transformers import AutoTokenizer  # slow import: only for non-tokenizers formats
 

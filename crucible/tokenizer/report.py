@@ -35,7 +35,9 @@ def metrics_table(rows: Sequence[TokenizerMetrics]) -> Table:
 def write_json(rows: Sequence[TokenizerMetrics], path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
+    tmp.replace(out)
     return out
 
 
@@ -62,6 +64,8 @@ def bar_chart(rows: Sequence[TokenizerMetrics], path: str | os.PathLike[str]) ->
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    tmp.replace(out)
     return out

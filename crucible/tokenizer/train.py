@@ -62,8 +62,12 @@ def train_tokenizer(
     ``special_tokens[0]`` is the EOS token. `split_digits` makes every digit its own pre-token
     (PaLM / DeepSeek style), so numbers are spelled digit by digit and never merged.
     """
-    if not special_tokens:
-        raise ValueError("special_tokens must contain at least the EOS token")
+    if not special_tokens or not all(special_tokens):
+        raise ValueError("special_tokens must contain at least the EOS token (and no empty name)")
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency {min_frequency}: must be at least 1")
+    if round_to < 1:
+        raise ValueError(f"round_to {round_to}: must be at least 1")
     target = round_up(vocab_size, max(1, round_to))
     minimum = BYTE_ALPHABET_SIZE + len(special_tokens)
     if target < minimum:
@@ -86,7 +90,17 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    seen = 0
+
+    def counted() -> Iterable[str]:
+        nonlocal seen
+        for t in texts:
+            seen += len(t)
+            yield t
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if not seen:
+        raise ValueError("no text to train on: the inputs are empty")
     missing = target - tok.get_vocab_size(with_added_tokens=True)
     if missing > 0:
         tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(missing)])
@@ -113,7 +127,11 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     p = _resolve_out(path)
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {p}")
-    return Tokenizer.from_file(str(p))
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{p}: not a Hugging Face tokenizers tokenizer.json ({reason})") from None
 
 
 def eos_id(tok: Tokenizer, eos_token: str = EOS_TOKEN) -> int:

@@ -96,7 +96,17 @@ def read_metrics(run_dir: Path, event: str | None = None) -> list[dict[str, Any]
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # a line torn by a crash mid-write: the rest is intact
+                break
+            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
     return [r for r in rows if event is None or r.get("event") == event]
 
 

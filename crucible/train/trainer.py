@@ -23,7 +23,7 @@ import torch
 from crucible.config import ConfigError, RunConfig
 from crucible.data.loader import eval_batches
 from crucible.data.mixture import MixtureLoader
-from crucible.data.prepare import prepare_data
+from crucible.data.prepare import check_tokenizer_vocab, prepare_data
 from crucible.data.shards import ShardSet
 from crucible.plan.params import count_params
 from crucible.tokenizer.train import EOS_TOKEN, load_tokenizer, token_byte_lengths
@@ -145,6 +145,9 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
                 f"checkpoint.init_from {init_from} is at step {init_step}; this run stops at "
                 f"step {end_step}: nothing to train"
             )
+    if cfg.data.tokenizer is not None and cfg.data.train_shards is None and not cfg.data.sources:
+        # the corpus is built with this tokenizer: a bad file fails here, not after the build
+        check_tokenizer_vocab(cfg.data.tokenizer, cfg.model.vocab_size)
     barrier()
     if info.is_main:
         data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len)
