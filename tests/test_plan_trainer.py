@@ -55,7 +55,17 @@ def test_search_marks_or_drops_what_the_trainer_cannot_run():
 
 def test_write_config_round_trips_to_a_runnable_training_config(tmp_path, capsys):
     out = tmp_path / "chosen.yaml"
-    argv = ["plan", "smollm3-3b", "--gpu", "h100", "--gpus", "384", "--search", "--trainer-only"]
+    argv = [
+        "plan",
+        "model",
+        "smollm3-3b",
+        "--gpu",
+        "h100",
+        "--gpus",
+        "384",
+        "--search",
+        "--trainer-only",
+    ]
     assert _plan([*argv, "--write-config", str(out)]) == 0
     text = capsys.readouterr()
     assert "Best layout `crucible train` runs" in text.out and "torchrun" in text.err
@@ -80,7 +90,7 @@ def test_run_from_a_written_config_logs_plan_check(tmp_path, small_base, capsys)
     from crucible.train.trainer import train
 
     out = tmp_path / "one.yaml"
-    assert _plan(["plan", "tiny", *small_base, "--gpus", "1", "--recompute", "selective",
+    assert _plan(["plan", "model", "tiny", *small_base, "--gpus", "1", "--recompute", "selective",
                   "--write-config", str(out)]) == 0  # fmt: skip
     cfg = load_config(out, [f"out_dir={tmp_path / 'runs'}", "train.steps=4", "train.val_every=0",
                             "train.log_every=1", "checkpoint.every=0", "train.threads=1"])  # fmt: skip

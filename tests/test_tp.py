@@ -167,8 +167,11 @@ def test_resume_with_another_tp_degree_is_refused(tmp_path):
 
     saved = load_config("tiny", [f"out_dir={tmp_path}", "name=r"])
     run_dir = saved.run_dir
-    (run_dir / "checkpoints" / "step_000002").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step_000002" / "state.json").write_text('{"step": 2}')
+    from crucible.model import Transformer
+    from crucible.train.checkpoint import save_weights_checkpoint
+
+    weights = Transformer(saved.model).state_dict()
+    save_weights_checkpoint(run_dir / "checkpoints" / "step_000002", weights, {"step": 2})
     (run_dir / "config.yaml").write_text(dump_config(saved))
     changed = load_config("tiny", [f"out_dir={tmp_path}", "name=r", "distributed.tp=2"])
     with pytest.raises(ConfigError, match=r"distributed.tp: 1 -> 2"):

@@ -58,7 +58,7 @@ def check_batch(cfg: RunConfig, world: int) -> Check:
             "batch",
             "fail",
             f"train.global_batch_size {t.global_batch_size} is not divisible by "
-            f"micro_batch_size {t.micro_batch_size} x {world} process(es)",
+            f"micro_batch_size {t.micro_batch_size} x {world} data-parallel process(es)",
         )
     accum = t.global_batch_size // per_step
     return Check(
@@ -231,19 +231,34 @@ def gather(value: str, info: DistInfo) -> list[str]:
 
 
 def check_data_order(loader, info: DistInfo) -> Check:
-    """Ranks must read different sequences: the first micro-batch of each rank differs."""
+    """Data-parallel ranks must read different sequences (their first micro-batches differ);
+    the ranks of one tensor-parallel group must read the same ones."""
     first = loader.step_batches(0)[0]
     digests = gather(tensor_digest([first.tokens]), info)
-    same = [r for r in range(1, len(digests)) if digests[r] in digests[:r]]
+    tp = info.tp
+    groups = [digests[d * tp : (d + 1) * tp] for d in range(len(digests) // tp)]
+    split = [d * tp + i for d, g in enumerate(groups) for i in range(1, tp) if g[i] != g[0]]
+    if split:
+        return Check(
+            "ranks: data order",
+            "fail",
+            f"rank(s) {split} read other data than their tensor-parallel group's first rank: "
+            "the shards of one layer would see different inputs",
+        )
+    heads = [g[0] for g in groups]
+    same = [d * tp for d in range(1, len(heads)) if heads[d] in heads[:d]]
     if same:
         return Check(
             "ranks: data order",
             "fail",
-            f"rank(s) {same} read the same first micro-batch as a lower rank: every rank "
-            "would train on the same data",
+            f"rank(s) {same} read the same first micro-batch as a lower data-parallel rank: "
+            "every rank would train on the same data",
         )
     return Check(
-        "ranks: data order", "pass", f"{len(digests)} ranks read different first micro-batches"
+        "ranks: data order",
+        "pass",
+        f"{len(heads)} data-parallel ranks read different first micro-batches"
+        + (f", each shared by its {tp} tensor-parallel ranks" if tp > 1 else ""),
     )
 
 
@@ -272,11 +287,11 @@ def fast_checks(
     cfg: RunConfig, info: DistInfo, device: torch.device, data: PreparedData
 ) -> list[Check]:
     """The cheap checks: config, data and memory; under torchrun also the data order."""
-    checks = [check_batch(cfg, info.world_size), check_schedule(cfg), check_seq_len(cfg)]
+    checks = [check_batch(cfg, info.dp_size), check_schedule(cfg), check_seq_len(cfg)]
     checks.append(check_data(cfg, data))
     if checks[0].status == "pass":  # the loader needs a valid batch split
         eos = load_tokenizer(data.tokenizer_path).token_to_id(EOS_TOKEN)
-        loader = make_loader(cfg, data, info.rank, info.world_size, eos)
+        loader = make_loader(cfg, data, info.dp_rank, info.dp_size, eos)
         checks.append(check_tokens(cfg, loader))
         if info.enabled:
             checks.append(check_data_order(loader, info))

@@ -60,7 +60,7 @@ def run_preflight(
         torch.set_num_threads(cfg.train.threads)
     data, data_check = prepare_for_preflight(cfg, info)
     if data is None:
-        checks = [check_batch(cfg, info.world_size), check_schedule(cfg), check_seq_len(cfg)]
+        checks = [check_batch(cfg, info.dp_size), check_schedule(cfg), check_seq_len(cfg)]
         checks += [data_check, check_memory(cfg, info.world_size, device)]
         return checks, info
     checks = fast_checks(cfg, info, device, data)
@@ -119,10 +119,9 @@ def model_checks(cfg: RunConfig, info: DistInfo, device: torch.device, data, bat
             amp=setup.autocast_dtype(cfg.train.dtype, device),
             model=model,
             optimizer=build_optimizer(model, cfg.optim, device),
-            loader=setup.make_loader(cfg, data, info.rank, info.world_size, eos),
+            loader=setup.make_loader(cfg, data, info.dp_rank, info.dp_size, eos),
             run_dir=scratch,
-            grad_accum=cfg.train.global_batch_size
-            // (cfg.train.micro_batch_size * info.world_size),
+            grad_accum=cfg.train.global_batch_size // (cfg.train.micro_batch_size * info.dp_size),
             end_step=cfg.train.steps,
             metrics=None,
             say=lambda *a, **k: None,
