@@ -25,12 +25,24 @@ def _accelerator(args: argparse.Namespace):
     return find_accelerator(args.gpu)
 
 
-def _moe(args: argparse.Namespace):
-    from crucible.plan.params import MoESpec
+def _moe(args: argparse.Namespace, cfg):
+    """A MoEConfig from the --experts flags (None without them: the config's own model.moe)."""
+    from pydantic import ValidationError
+
+    from crucible.config import ConfigError, MoEConfig
 
     if not args.experts:
         return None
-    return MoESpec(args.experts, args.top_k, args.expert_intermediate or 0, args.shared_experts)
+    try:
+        return MoEConfig(
+            num_experts=args.experts,
+            top_k=args.top_k,
+            expert_intermediate_size=args.expert_intermediate or cfg.model.intermediate_size,
+            shared_experts=args.shared_experts,
+        )
+    except ValidationError as e:
+        msg = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+        raise ConfigError(f"--experts/--top-k/--shared-experts: {msg}") from None
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -64,7 +76,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         budget_gpu_hours=args.budget_gpu_hours,
         budget_cost=args.budget_cost,
         precision=args.precision,
-        moe=_moe(args),
+        moe=_moe(args, cfg),
         search=args.search,
         top=args.top,
     )
@@ -194,10 +206,17 @@ def _plan_parser(sub) -> None:
     )
     g.add_argument("--search", action="store_true", help="rank every layout that fits")
     g.add_argument("--top", type=int, default=5, help="layouts to show with --search")
-    g = p.add_argument_group("mixture of experts (replaces every MLP)")
+    g = p.add_argument_group(
+        "mixture of experts (replaces every MLP; default: the config's model.moe)"
+    )
     g.add_argument("--experts", type=int, default=0, help="number of routed experts")
     g.add_argument("--top-k", type=int, default=2, help="experts per token")
-    g.add_argument("--expert-intermediate", type=int, default=None, help="expert SwiGLU width")
+    g.add_argument(
+        "--expert-intermediate",
+        type=int,
+        default=None,
+        help="expert SwiGLU width (default: model.intermediate_size)",
+    )
     g.add_argument("--shared-experts", type=int, default=0, help="always-on experts")
     p.set_defaults(func=_cmd_plan)
 

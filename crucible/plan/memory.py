@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from crucible.config import ModelConfig
-from crucible.plan.params import MoESpec, attention_params_per_layer
+from crucible.config import ModelConfig, MoEConfig
+from crucible.plan.params import attention_params_per_layer
 
 MiB = 2**20
 GiB = 2**30
@@ -87,7 +87,7 @@ def check_layout(cfg: ModelConfig, layout: Layout) -> None:
 # --------------------------------------------------------------------------- parameters
 
 
-def params_per_gpu(cfg: ModelConfig, layout: Layout, moe: MoESpec | None = None) -> int:
+def params_per_gpu(cfg: ModelConfig, layout: Layout, moe: MoEConfig | None = None) -> int:
     """Parameters held by the most loaded GPU before ZeRO sharding (TP and PP split them).
 
     TP splits attention, MLP and the (vocab-parallel) embedding; norms are replicated. PP gives
@@ -95,6 +95,7 @@ def params_per_gpu(cfg: ModelConfig, layout: Layout, moe: MoESpec | None = None)
     final norm and the output head (a copy of the embedding when tied and PP > 1).
     """
     d, tp = cfg.hidden_size, layout.tp
+    moe = moe if moe is not None else cfg.moe
     norm = 2 * d + (2 * cfg.dim_per_head if cfg.qk_norm else 0)
     if moe is None:
         mlp = 3 * d * cfg.intermediate_size
@@ -215,7 +216,7 @@ def estimate_memory(
     cfg: ModelConfig,
     layout: Layout,
     precision: Precision = "mixed",
-    moe: MoESpec | None = None,
+    moe: MoEConfig | None = None,
     logits: Literal["chunked", "full"] = "chunked",
 ) -> MemoryEstimate:
     """Bytes per GPU of each training-state component and the timeline of the first two steps."""

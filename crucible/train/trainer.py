@@ -26,6 +26,7 @@ from crucible.data.mixture import MixtureLoader, Stage
 from crucible.data.prepare import PreparedData, prepare_data
 from crucible.data.shards import ShardSet
 from crucible.model import Transformer
+from crucible.model.moe import update_router_bias
 from crucible.plan.flops import train_flops_per_token
 from crucible.plan.params import count_params
 from crucible.tokenizer.train import EOS_TOKEN, load_tokenizer, token_byte_lengths
@@ -318,6 +319,7 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> TrainRes
         max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
+        update_router_bias(model)  # MoE aux-loss-free balancing; a no-op otherwise
         optimizer.zero_grad(set_to_none=True)
         steps_since += 1
         done = step + 1
