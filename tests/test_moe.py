@@ -281,16 +281,26 @@ def test_count_params_cli_prints_active(capsys) -> None:
 # --------------------------------------------------------------------------- transformers
 
 
-@pytest.mark.parametrize(
-    "moe,extra",
-    [
-        ({}, {}),
-        ({"norm_topk_prob": False, "num_experts": 6, "top_k": 3}, {"tie_embeddings": False}),
-    ],
-)
-def test_qwen3_moe_export_logits_generation_and_round_trip(
-    moe: dict, extra: dict, tmp_path: Path
-) -> None:
+EXPORTS = {
+    "qwen3_moe-renorm": ({}, {}),
+    "qwen3_moe-6e-top3-untied": (
+        {"norm_topk_prob": False, "num_experts": 6, "top_k": 3},
+        {"tie_embeddings": False},
+    ),
+    "glm4_moe-bias-shared": (
+        {"score": "sigmoid", "shared_experts": 1, "bias_update_rate": 0.01, "routed_scaling": 2.0},
+        {},
+    ),
+    "glm4_moe-no-qk-norm-no-shared": (
+        {"score": "sigmoid", "norm_topk_prob": False, "bias_update_rate": 0.01},
+        {"qk_norm": False, "tie_embeddings": False},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPORTS))
+def test_moe_export_logits_generation_and_round_trip(name: str, tmp_path: Path) -> None:
+    moe, extra = EXPORTS[name]
     from transformers import AutoModelForCausalLM
 
     cfg = ModelConfig(
@@ -298,13 +308,16 @@ def test_qwen3_moe_export_logits_generation_and_round_trip(
         moe=MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_intermediate_size": 16, **moe}),
     )
     model = build(cfg).eval()
+    for blk in model.layers:  # a selection bias large enough to change which experts run
+        if blk.mlp.expert_bias is not None:
+            blk.mlp.expert_bias.copy_(torch.randn(cfg.moe.num_experts) * 0.1)
     out = export_hf(model, tmp_path / "export")
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "qwen3_moe"
+    assert config["model_type"] == name.split("-")[0]
     names = load_file(str(out / "model.safetensors"))
     assert "model.layers.1.mlp.experts.0.up_proj.weight" in names  # published per-expert layout
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    assert type(hf).__name__ == config["architectures"][0]
     x = ids()
     with torch.no_grad():
         diff = (model(x).logits - hf(x).logits).abs().max().item()
@@ -323,20 +336,34 @@ def test_qwen3_moe_export_logits_generation_and_round_trip(
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 
 
-def test_load_a_checkpoint_written_by_transformers(tmp_path: Path) -> None:
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe"])
+def test_load_a_checkpoint_written_by_transformers(arch: str, tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    hc = Qwen3MoeConfig(
+    shape = dict(
         vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+        num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
         tie_word_embeddings=False, rms_norm_eps=1e-6,
     )  # fmt: skip
+    if arch == "qwen3_moe":
+        hc = AutoConfig.for_model(arch, num_experts=4, **shape)
+    else:
+        hc = AutoConfig.for_model(
+            arch, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=0,
+            use_qk_norm=True, routed_scaling_factor=1.5, num_mtp_layers=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "partial_rotary_factor": 1.0},
+            **shape,
+        )  # fmt: skip
     torch.manual_seed(0)
-    hf = Qwen3MoeForCausalLM(hc).eval()
+    hf = AutoModelForCausalLM.from_config(hc).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, 0.1)
+        for name, b in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
     hf.save_pretrained(tmp_path / "hf")
     ours = load_hf(tmp_path / "hf").eval()
     assert ours.cfg.moe is not None and ours.cfg.moe.top_k == 2
@@ -348,9 +375,9 @@ def test_load_a_checkpoint_written_by_transformers(tmp_path: Path) -> None:
 
 def test_export_and_import_errors() -> None:
     for moe, words in [
-        ({"score": "sigmoid"}, "score 'sigmoid'"),
-        ({"shared_experts": 1}, "shared experts"),
-        ({"bias_update_rate": 1e-3}, "selection bias"),
+        ({"shared_experts": 1}, "Qwen3-MoE, which has no shared experts"),
+        ({"bias_update_rate": 1e-3}, "Qwen3-MoE, which has no aux-loss-free selection bias"),
+        ({"num_experts": 1, "top_k": 1, "score": "sigmoid"}, "GLM-4-MoE.*single-expert"),
     ]:
         with pytest.raises(ValueError, match=words):
             export_hf(Transformer(cfg_with(**moe)), "/nonexistent/never-written")
@@ -359,12 +386,16 @@ def test_export_and_import_errors() -> None:
             Transformer(ModelConfig(**{**BASE, "qk_norm": False}, moe=cfg_with().moe)),
             "/nonexistent/never-written",
         )
-    with pytest.raises(ValueError, match=r"'olmoe'.*supported: llama, smollm3, qwen3, qwen3_moe"):
+    with pytest.raises(
+        ValueError, match=r"'olmoe'.*supported: llama, smollm3, qwen3, qwen3_moe, glm4_moe"
+    ):
         model_config_from_hf({"model_type": "olmoe"})
     with pytest.raises(ValueError, match="mlp_only_layers"):
         model_config_from_hf(
             {"model_type": "qwen3_moe", "num_hidden_layers": 2, "mlp_only_layers": [0]}
         )
+    with pytest.raises(ValueError, match="first_k_dense_replace 1"):
+        model_config_from_hf({"model_type": "glm4_moe", "num_hidden_layers": 2})
 
 
 # --------------------------------------------------------------------------- training

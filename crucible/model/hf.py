@@ -4,23 +4,20 @@ Architectures (chosen from the config, most specific that represents it exactly)
   * "llama" (LlamaForCausalLM): every layer uses RoPE, no QK-norm.
   * "smollm3" (SmolLM3ForCausalLM): some layers skip RoPE (NoPE), no QK-norm.
   * "qwen3" (Qwen3ForCausalLM): QK-norm over head_dim, every layer uses RoPE.
-  * "qwen3_moe" (Qwen3MoeForCausalLM): as qwen3, with mixture-of-experts MLPs in every layer
-    (softmax top-k routing, optional renormalisation, no shared experts, no selection bias).
+  * "qwen3_moe" / "glm4_moe": mixture-of-experts models (softmax / sigmoid routing), see
+    crucible/model/hf_moe.py.
 Intra-document masking is a training-time choice with no config counterpart; exported models
 attend causally over the whole input, which is what inference on one document needs.
 
 Weights go into a single model.safetensors (no pickle) under transformers' parameter names, which
-our module names already follow except for the prefixes handled by `_to_hf_name`. MoE experts
-are written one tensor per expert (`mlp.experts.<e>.{gate,up,down}_proj.weight`, the layout of
-published Qwen3-MoE checkpoints, which transformers fuses on load); both that and transformers'
-fused layout (`mlp.experts.gate_up_proj`) load.
+our module names already follow except for the prefixes handled by `_to_hf_name` (and the MoE
+expert layout, handled in hf_moe.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,14 +27,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from crucible.config import ModelConfig, MoEConfig
+from crucible.config import ModelConfig
+from crucible.model.hf_moe import (
+    MOE_ARCHS,
+    from_hf_tensors,
+    missing_hf_tensors,
+    moe_config_from_hf,
+    moe_hf_config,
+    moe_model_type,
+    to_hf_tensors,
+)
 from crucible.model.transformer import Transformer
 
 _ARCHS = {
     "llama": "LlamaForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
+    **MOE_ARCHS,
 }
 
 # Special-token spellings we recognise in a tokenizer's vocabulary, most preferred first.
@@ -56,7 +62,7 @@ def hf_model_type(cfg: ModelConfig) -> str:
     """Which transformers architecture represents `cfg`; ValueError if none does."""
     all_rope = all(cfg.uses_rope(i) for i in range(cfg.num_layers))
     if cfg.moe is not None:
-        return _moe_model_type(cfg, all_rope)
+        return moe_model_type(cfg, all_rope)
     if cfg.qk_norm:
         if not all_rope:
             raise ValueError(
@@ -73,26 +79,6 @@ def hf_model_type(cfg: ModelConfig) -> str:
             f"multiple of num_heads {cfg.num_heads}"
         )
     return "llama"
-
-
-def _moe_model_type(cfg: ModelConfig, all_rope: bool) -> str:
-    moe = cfg.moe
-    assert moe is not None
-    lacks = [
-        ("QK-norm off (set model.qk_norm=true)", not cfg.qk_norm),
-        ("NoPE layers", not all_rope),
-        (f"score {moe.score!r} (only softmax)", moe.score != "softmax"),
-        ("shared experts", moe.shared_experts > 0),
-        ("routed_scaling != 1", moe.routed_scaling != 1.0),
-        ("the aux-loss-free selection bias (bias_update_rate > 0)", moe.bias_update_rate > 0),
-    ]
-    missing = [what for what, bad in lacks if bad]
-    if missing:
-        raise ValueError(
-            "cannot export this MoE model to transformers' Qwen3-MoE, which has no "
-            + ", no ".join(missing)
-        )
-    return "qwen3_moe"
 
 
 def to_hf_config(
@@ -141,39 +127,21 @@ def to_hf_config(
         d["sliding_window"] = None
         d["max_window_layers"] = cfg.num_layers
         d["layer_types"] = ["full_attention"] * cfg.num_layers
-    if model_type == "qwen3_moe":
-        moe = cfg.moe
-        assert moe is not None
-        d.pop("max_window_layers")
-        d.update(
-            num_experts=moe.num_experts,
-            num_experts_per_tok=moe.top_k,
-            moe_intermediate_size=moe.expert_intermediate_size,
-            norm_topk_prob=moe.norm_topk_prob,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-            output_router_logits=False,
-            router_aux_loss_coef=_hf_aux_coef(moe.aux_loss_coef, cfg.num_layers, moe.top_k),
-        )
+    if cfg.moe is not None:
+        moe_hf_config(cfg, model_type, d)
     return d
 
 
-def _hf_aux_coef(coef: float, layers: int, top_k: int) -> float:
-    """Our coefficient weighs each layer's balance loss (1.0 when balanced) and sums the layers;
-    transformers pools all layers into one loss that is top_k when balanced. This factor keeps
-    the training objective the same across the two conventions (and inverts exactly)."""
-    return coef * layers / top_k
-
-
 def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
-    """A ModelConfig from a transformers config.json dict (llama, smollm3 or qwen3)."""
+    """A ModelConfig from a transformers config.json dict (one of the architectures above)."""
     from transformers import AutoConfig  # deferred: importing transformers takes seconds
 
     model_type = d.get("model_type")
     if model_type not in _ARCHS:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(_ARCHS)}")
     # Let transformers fill defaults and normalise legacy fields (rope_theta, torch_dtype...).
-    hc = AutoConfig.for_model(model_type, **{k: v for k, v in d.items() if k != "model_type"})
+    skip = ("model_type", "crucible_moe")
+    hc = AutoConfig.for_model(model_type, **{k: v for k, v in d.items() if k not in skip})
 
     def unsupported(what: str) -> ValueError:
         return ValueError(f"cannot load {model_type} checkpoint: {what} is not supported")
@@ -184,21 +152,9 @@ def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
         raise unsupported("mlp_bias")
     if getattr(hc, "use_sliding_window", False):
         raise unsupported("sliding-window attention")
-    moe = None
-    if model_type == "qwen3_moe":
-        if hc.mlp_only_layers or hc.decoder_sparse_step != 1:
-            raise unsupported(
-                "dense layers among the MoE ones (mlp_only_layers, decoder_sparse_step)"
-            )
-        moe = MoEConfig(
-            num_experts=hc.num_experts,
-            top_k=hc.num_experts_per_tok,
-            expert_intermediate_size=hc.moe_intermediate_size,
-            norm_topk_prob=bool(hc.norm_topk_prob),
-            aux_loss_coef=_hf_aux_coef(
-                hc.router_aux_loss_coef, hc.num_experts_per_tok, hc.num_hidden_layers
-            ),
-        )
+    moe, qk_norm = None, model_type == "qwen3"
+    if model_type in MOE_ARCHS:
+        moe, qk_norm = moe_config_from_hf(model_type, hc, d.get("crucible_moe"))
     rope = getattr(hc, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise unsupported(f"rope_type {rope['rope_type']!r} (RoPE scaling)")
@@ -230,7 +186,7 @@ def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
         nope_interval=nope_interval,
         nope_layers=nope_layers,
         tie_embeddings=bool(hc.tie_word_embeddings),
-        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        qk_norm=qk_norm,
         attention_bias=bool(getattr(hc, "attention_bias", False)),
         norm_eps=hc.rms_norm_eps,
         init_std=hc.initializer_range,
@@ -253,51 +209,6 @@ def _from_hf_name(name: str) -> str:
     if name.startswith("model.embed_tokens."):
         return "embed." + name.removeprefix("model.embed_tokens.")
     return name.removeprefix("model.")
-
-
-_FUSED = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-_PER_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
-
-
-def _split_experts(name: str, t: Tensor) -> dict[str, Tensor]:
-    """Our fused expert tensors -> one tensor per expert, under our names (else unchanged)."""
-    m = _FUSED.match(name)
-    if m is None:
-        return {name: t}
-    prefix, kind = m.groups()
-    out = {}
-    for e in range(t.shape[0]):
-        if kind == "down_proj":
-            out[f"{prefix}.{e}.down_proj.weight"] = t[e]
-        else:
-            gate, up = t[e].chunk(2, dim=0)
-            out[f"{prefix}.{e}.gate_proj.weight"] = gate
-            out[f"{prefix}.{e}.up_proj.weight"] = up
-    return out
-
-
-def _merge_experts(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Per-expert tensors (published checkpoints) -> our fused [E, 2I, D] and [E, D, I]."""
-    groups: dict[str, dict[str, dict[int, Tensor]]] = {}
-    out = {}
-    for name, t in state.items():
-        m = _PER_EXPERT.match(name)
-        if m is None:
-            out[name] = t
-            continue
-        prefix, e, kind = m.groups()
-        groups.setdefault(prefix, {}).setdefault(kind, {})[int(e)] = t
-    for prefix, kinds in groups.items():
-        n = max(len(v) for v in kinds.values())
-        parts = {}
-        for kind in ("gate", "up", "down"):
-            got = kinds.get(kind, {})
-            if sorted(got) != list(range(n)):
-                raise ValueError(f"{prefix}: {kind}_proj weights missing for some of {n} experts")
-            parts[kind] = torch.stack([got[e] for e in range(n)])
-        out[f"{prefix}.gate_up_proj"] = torch.cat([parts["gate"], parts["up"]], dim=1)
-        out[f"{prefix}.down_proj"] = parts["down"]
-    return out
 
 
 def _unwrap(model: torch.nn.Module) -> Transformer:
@@ -384,8 +295,10 @@ def export_hf(
         t = _full_tensor(t).detach().to("cpu")
         if dtype is not None:
             t = t.to(dtype)
-        for part, tp in _split_experts(name, t).items():
+        for part, tp in to_hf_tensors(name, t).items():
             tensors[_to_hf_name(part)] = tp.contiguous()
+    for part, tp in missing_hf_tensors(cfg, hf_cfg["model_type"]).items():
+        tensors[_to_hf_name(part)] = tp if dtype is None else tp.to(dtype)
     hf_cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -451,7 +364,7 @@ def load_hf(
         if ours == "lm_head.weight" and cfg.tie_embeddings:
             continue  # some tied checkpoints also store the (identical) output matrix
         state[ours] = t if dtype is None else t.to(dtype)
-    state = _merge_experts(state)
+    state = from_hf_tensors(state)
 
     with torch.device("meta"):
         model = Transformer(cfg)
