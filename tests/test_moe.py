@@ -125,6 +125,11 @@ def test_dispatch_paths_agree_with_per_expert_reference(dtype: torch.dtype) -> N
         torch.testing.assert_close(outs[path].float(), ref, atol=tol, rtol=tol)
     for a, b in zip(grads["loop"], grads["grouped_mm"], strict=True):
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights, bf16 matmuls
+        loop = expert_swiglu(x.float(), counts, gate_up.float(), down.float(), "loop")
+        grouped = expert_swiglu(x.float(), counts, gate_up.float(), down.float(), "grouped_mm")
+    assert loop.dtype == grouped.dtype == torch.bfloat16
+    torch.testing.assert_close(loop.float(), grouped.float(), atol=3e-2, rtol=3e-2)
 
 
 def test_moe_layer_matches_a_per_token_reference() -> None:
