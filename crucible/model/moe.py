@@ -216,7 +216,7 @@ class MoE(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         y = y_sorted[inverse].view(N, k, -1)
-        y = (y * weights.unsqueeze(-1).to(y.dtype)).sum(1)
+        y = (y.to(weights.dtype) * weights.unsqueeze(-1)).sum(1)  # weights are fp32
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         y = y.to(x.dtype).view(shape)
