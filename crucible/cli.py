@@ -140,12 +140,17 @@ def _cmd_count_params(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     p = count_params(cfg.model)
-    print(f"{cfg.name}: {p.total:,} parameters")
+    moe = cfg.model.moe
+    active = (
+        f", {p.active:,} active per token (top-{moe.top_k} of {moe.num_experts})" if moe else ""
+    )
+    print(f"{cfg.name}: {p.total:,} parameters{active}")
     for name, n in p.as_dict().items():
         if name != "total":
             print(f"  {name:<10} {n:>15,}  {n / p.total:6.1%}")
     fpt = train_flops_per_token(cfg.model, cfg.train.seq_len)
-    print(f"training FLOPs per token at seq {cfg.train.seq_len}: {fpt:.4g} (6N + attention)")
+    n = "N = active matmul parameters" if moe else "N = matmul parameters"
+    print(f"training FLOPs per token at seq {cfg.train.seq_len}: {fpt:.4g} (6N + attention, {n})")
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -69,6 +69,51 @@ class RopeScalingConfig(_Strict):
         return self
 
 
+class MoEConfig(_Strict):
+    """Mixture-of-experts feed-forward layers: every block's MLP becomes routed SwiGLU experts.
+
+    Each token runs through `top_k` of `num_experts` experts (picked by a linear router) plus
+    `shared_experts` always-on ones, fused into one SwiGLU of `shared_experts` x
+    `expert_intermediate_size` width. Dispatch is dropless: every token reaches its experts.
+    """
+
+    num_experts: int = Field(8, ge=1, description="Routed experts per layer.")
+    top_k: int = Field(2, ge=1, description="Experts each token is routed to (1..num_experts).")
+    expert_intermediate_size: int = Field(128, ge=1, description="SwiGLU width of one expert.")
+    shared_experts: int = Field(0, ge=0, description="Always-on experts (DeepSeek style).")
+    score: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="Router scores: softmax over experts, or per-expert sigmoid."
+    )
+    norm_topk_prob: bool = Field(
+        True, description="Renormalise the top-k scores of a token to sum to 1."
+    )
+    routed_scaling: float = Field(1.0, gt=0, description="Factor on the routed experts' sum.")
+    aux_loss_coef: float = Field(
+        0.01, ge=0, description="Switch-style load-balancing loss per layer; 0 disables it."
+    )
+    bias_update_rate: float = Field(
+        0.0,
+        ge=0,
+        description="DeepSeek-V3 auxiliary-loss-free balancing: per-expert selection bias moved "
+        "by this much (sign of the load error) after every optimizer step; 0 disables it.",
+    )
+    router_z_loss: float = Field(0.0, ge=0, description="Router z-loss coefficient (ST-MoE).")
+    dispatch: Literal["auto", "grouped_mm", "loop"] = Field(
+        "auto",
+        description="Expert matmuls: torch._grouped_mm, a loop over experts, or auto "
+        "(grouped_mm on CUDA, the loop elsewhere).",
+    )
+
+    @model_validator(mode="after")
+    def _check_top_k(self) -> MoEConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k {self.top_k} exceeds num_experts {self.num_experts}; "
+                f"allowed: 1..{self.num_experts}"
+            )
+        return self
+
+
 class ModelConfig(_Strict):
     """A decoder-only Llama/SmolLM3-style transformer."""
 
@@ -101,6 +146,9 @@ class ModelConfig(_Strict):
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
     z_loss: float = Field(0.0, ge=0, description="Coefficient of the z-loss (logsumexp^2).")
+    moe: MoEConfig | None = Field(
+        None, description="Mixture-of-experts MLPs (see MoEConfig); null: dense SwiGLU MLPs."
+    )
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
@@ -593,6 +641,8 @@ def _known_fields(model: type[BaseModel], path: list[str]) -> list[str]:
     for part in path:
         field = model.model_fields.get(part)
         ann = getattr(field, "annotation", None) if field else None
+        # `X | None` sections (model.moe): look inside the union for the model class.
+        ann = next((a for a in get_args(ann) if isinstance(a, type)), ann) if get_args(ann) else ann
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann

@@ -171,3 +171,27 @@ def test_async_save_holds_the_state_at_the_save_not_later(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert [p.name for p in (tmp_path / "ckpts").iterdir()] == ["step_000001"]
+
+
+MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_intermediate_size=32",
+       "model.moe.bias_update_rate=0.01", "checkpoint.every=5"]  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_moe_two_ranks_match_single_process(single, strategy):
+    """MoE losses (balance loss included) match one process, and so does the aux-loss-free
+    selection bias: each rank's expert loads are summed over ranks before the update."""
+    runs, base = single
+    if not (runs / "moe-single").exists():
+        _run(["tiny", *base, *MOE, "name=moe-single"], 1)
+    _run(["tiny", *base, *MOE, f"name=moe-{strategy}", f"distributed.strategy={strategy}"], 2)
+    ref, got = _losses(runs / "moe-single"), _losses(runs / f"moe-{strategy}")
+    assert len(ref) == len(got) == 5
+    for a, b in zip(ref, got):
+        assert abs(a - b) / abs(a) < 1e-5, (ref, got)
+    cfg = load_config(runs / "moe-single" / "config.yaml")
+    a, b = Transformer(cfg.model), Transformer(cfg.model)
+    load_model_weights(runs / "moe-single/checkpoints/step_000005", a)
+    load_model_weights(runs / f"moe-{strategy}/checkpoints/step_000005", b)
+    bias_a, bias_b = a.layers[0].mlp.expert_bias, b.layers[0].mlp.expert_bias
+    assert bias_a.abs().sum() > 0 and torch.equal(bias_a, bias_b)

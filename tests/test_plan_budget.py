@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from crucible.config import load_config
+from crucible.config import MoEConfig, load_config
 from crucible.plan.budget import (
     SMOLLM3_EXPERIMENT_SHARE,
     BudgetError,
@@ -15,7 +15,7 @@ from crucible.plan.budget import (
 from crucible.plan.flops import train_flops_per_token
 from crucible.plan.hardware import find_accelerator
 from crucible.plan.kvcache import kv_cache_bytes_per_token
-from crucible.plan.params import MoESpec, count_params
+from crucible.plan.params import count_params
 from crucible.plan.scaling import HOFFMANN_2022, compute_optimal
 
 H100 = find_accelerator("H100 SXM")
@@ -81,11 +81,15 @@ def test_llama_split_kv_cache_and_moe_counts():
     # Llama-3.2-1B: 16 layers x 8 KV heads x 64 dims x (K and V) x 2 bytes.
     assert kv_cache_bytes_per_token(cfg) == 16 * 8 * 64 * 2 * 2
     dense = count_params(cfg)
-    moe = count_params(cfg, MoESpec(8, 2, cfg.intermediate_size // 4))
+    moe = count_params(
+        cfg, MoEConfig(num_experts=8, top_k=2, expert_intermediate_size=cfg.intermediate_size // 4)
+    )
     expert = 3 * cfg.hidden_size * (cfg.intermediate_size // 4)
     router = cfg.hidden_size * 8
     assert moe.total == dense.total - dense.mlp + cfg.num_layers * (8 * expert + router)
     assert moe.active == dense.total - dense.mlp + cfg.num_layers * (2 * expert + router)
-    assert train_flops_per_token(cfg, 4096, MoESpec(8, 2, cfg.intermediate_size // 4)) < (
-        train_flops_per_token(cfg, 4096)
-    )
+    assert train_flops_per_token(
+        cfg,
+        4096,
+        MoEConfig(num_experts=8, top_k=2, expert_intermediate_size=cfg.intermediate_size // 4),
+    ) < (train_flops_per_token(cfg, 4096))

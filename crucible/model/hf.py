@@ -4,11 +4,14 @@ Architectures (chosen from the config, most specific that represents it exactly)
   * "llama" (LlamaForCausalLM): every layer uses RoPE, no QK-norm.
   * "smollm3" (SmolLM3ForCausalLM): some layers skip RoPE (NoPE), no QK-norm.
   * "qwen3" (Qwen3ForCausalLM): QK-norm over head_dim, every layer uses RoPE.
+  * "qwen3_moe" / "glm4_moe": mixture-of-experts models (softmax / sigmoid routing), see
+    crucible/model/hf_moe.py.
 Intra-document masking is a training-time choice with no config counterpart; exported models
 attend causally over the whole input, which is what inference on one document needs.
 
 Weights go into a single model.safetensors (no pickle) under transformers' parameter names, which
-our module names already follow except for the prefixes handled by `_to_hf_name`.
+our module names already follow except for the prefixes handled by `_to_hf_name` (and the MoE
+expert layout, handled in hf_moe.py).
 """
 
 from __future__ import annotations
@@ -26,12 +29,22 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from crucible.config import ModelConfig, RopeScalingConfig
+from crucible.model.hf_moe import (
+    MOE_ARCHS,
+    from_hf_tensors,
+    missing_hf_tensors,
+    moe_config_from_hf,
+    moe_hf_config,
+    moe_model_type,
+    to_hf_tensors,
+)
 from crucible.model.transformer import Transformer
 
 _ARCHS = {
     "llama": "LlamaForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    **MOE_ARCHS,
 }
 
 # Special-token spellings we recognise in a tokenizer's vocabulary, most preferred first.
@@ -49,6 +62,8 @@ _SPECIAL_CANDIDATES = {
 def hf_model_type(cfg: ModelConfig) -> str:
     """Which transformers architecture represents `cfg`; ValueError if none does."""
     all_rope = all(cfg.uses_rope(i) for i in range(cfg.num_layers))
+    if cfg.moe is not None:
+        return moe_model_type(cfg, all_rope)
     if cfg.qk_norm:
         if not all_rope:
             raise ValueError(
@@ -163,23 +178,26 @@ def to_hf_config(
         d["use_sliding_window"] = False
         d["sliding_window"] = None
         d["layer_types"] = ["full_attention"] * cfg.num_layers
-    else:  # qwen3
+    else:  # qwen3, qwen3_moe
         d["use_sliding_window"] = False
         d["sliding_window"] = None
         d["max_window_layers"] = cfg.num_layers
         d["layer_types"] = ["full_attention"] * cfg.num_layers
+    if cfg.moe is not None:
+        moe_hf_config(cfg, model_type, d)
     return d
 
 
 def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
-    """A ModelConfig from a transformers config.json dict (llama, smollm3 or qwen3)."""
+    """A ModelConfig from a transformers config.json dict (one of the architectures above)."""
     from transformers import AutoConfig  # deferred: importing transformers takes seconds
 
     model_type = d.get("model_type")
     if model_type not in _ARCHS:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(_ARCHS)}")
     # Let transformers fill defaults and normalise legacy fields (rope_theta, torch_dtype...).
-    hc = AutoConfig.for_model(model_type, **{k: v for k, v in d.items() if k != "model_type"})
+    skip = ("model_type", "crucible_moe")
+    hc = AutoConfig.for_model(model_type, **{k: v for k, v in d.items() if k not in skip})
 
     def unsupported(what: str) -> ValueError:
         return ValueError(f"cannot load {model_type} checkpoint: {what} is not supported")
@@ -190,6 +208,9 @@ def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
         raise unsupported("mlp_bias")
     if getattr(hc, "use_sliding_window", False):
         raise unsupported("sliding-window attention")
+    moe, qk_norm = None, model_type == "qwen3"
+    if model_type in MOE_ARCHS:
+        moe, qk_norm = moe_config_from_hf(model_type, hc, d.get("crucible_moe"))
     rope = getattr(hc, "rope_parameters", None) or {}
     try:
         rope_scaling, max_seq_len = rope_scaling_from_hf(rope, hc.max_position_embeddings)
@@ -225,10 +246,11 @@ def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
         nope_interval=nope_interval,
         nope_layers=nope_layers,
         tie_embeddings=bool(hc.tie_word_embeddings),
-        qk_norm=model_type == "qwen3",
+        qk_norm=qk_norm,
         attention_bias=bool(getattr(hc, "attention_bias", False)),
         norm_eps=hc.rms_norm_eps,
         init_std=hc.initializer_range,
+        moe=moe,
     )
 
 
@@ -351,7 +373,10 @@ def export_hf(
         t = _full_tensor(t).detach().to("cpu")
         if dtype is not None:
             t = t.to(dtype)
-        tensors[_to_hf_name(name)] = t.contiguous()
+        for part, tp in to_hf_tensors(name, t).items():
+            tensors[_to_hf_name(part)] = tp.contiguous()
+    for part, tp in missing_hf_tensors(cfg, hf_cfg["model_type"]).items():
+        tensors[_to_hf_name(part)] = tp if dtype is None else tp.to(dtype)
     hf_cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
 
     check_export_dir(out)
@@ -452,6 +477,7 @@ def load_hf(
         if ours == "lm_head.weight" and cfg.tie_embeddings:
             continue  # some tied checkpoints also store the (identical) output matrix
         state[ours] = t if dtype is None else t.to(dtype)
+    state = from_hf_tensors(state)
 
     with torch.device("meta"):
         model = Transformer(cfg)

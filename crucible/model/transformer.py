@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from crucible.model.attention import (
 )
 from crucible.model.loss import linear_cross_entropy
 from crucible.model.mlp import MLP
+from crucible.model.moe import Experts, MoE
 from crucible.model.norm import RMSNorm
 from crucible.model.rope import RotaryEmbedding
 
@@ -28,23 +29,32 @@ class ModelOutput:
     logits: Tensor | None = None  # fp32 [B, T, V]; None when targets were given
     loss: Tensor | None = None
     z_loss: Tensor | None = None  # mean logsumexp^2 over non-ignored tokens (for logging)
+    # MoE, training forward passes: moe_aux_loss and moe_z_loss (unweighted, mean over layers;
+    # the balance loss is 1.0 when balanced) and moe_loss, the weighted sum included in `loss`.
+    aux: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is a MoE
+    layer when cfg.moe is set."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = MoE(cfg) if cfg.moe is not None else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask, cache: KVCache | None
-    ) -> Tensor:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns the new residual stream and the MoE layer's auxiliary losses (or {})."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            y, aux = self.mlp(h)
+            return x + y, aux
+        return x + self.mlp(h), {}
 
 
 class Transformer(nn.Module):
@@ -95,6 +105,10 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
+            elif isinstance(module, Experts):
+                module.reset_parameters(std)
+            elif isinstance(module, MoE):
+                module.reset_buffers()
         self.init_buffers()
 
     @torch.no_grad()
@@ -170,8 +184,11 @@ class Transformer(nn.Module):
         mask = self._attention_mask(doc_ids, T, past, input_ids.device)
 
         x = self.embed(input_ids)
+        layer_aux: list[dict[str, Tensor]] = []
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x, aux = layer(x, cos, sin, mask, cache)
+            if aux:
+                layer_aux.append(aux)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
@@ -191,7 +208,24 @@ class Transformer(nn.Module):
         )
         if reduction == "none":
             loss = loss.view(B, T)
-        return ModelOutput(loss=loss, z_loss=z_loss)
+        moe_aux: dict[str, Tensor] = {}
+        if layer_aux and cfg.moe is not None:
+            moe_loss, moe_aux = self._moe_loss(layer_aux, cfg)
+            if reduction == "mean":  # the training loss; evaluation reductions stay pure LM
+                loss = loss + moe_loss
+        return ModelOutput(loss=loss, z_loss=z_loss, aux=moe_aux)
+
+    @staticmethod
+    def _moe_loss(
+        layer_aux: list[dict[str, Tensor]], cfg: ModelConfig
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Sum over layers of aux_loss_coef * balance loss + router_z_loss * z-loss."""
+        assert cfg.moe is not None
+        bal = torch.stack([a["aux_loss"] for a in layer_aux])
+        z = torch.stack([a["z_loss"] for a in layer_aux])
+        total = cfg.moe.aux_loss_coef * bal.sum() + cfg.moe.router_z_loss * z.sum()
+        logged = {"moe_aux_loss": bal.mean(), "moe_z_loss": z.mean(), "moe_loss": total}
+        return total, {k: v.detach() for k, v in logged.items()}
 
     def _attention_mask(
         self, doc_ids: Tensor | None, T: int, past: int, device: torch.device

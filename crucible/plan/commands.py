@@ -37,12 +37,24 @@ def _accelerator(args: argparse.Namespace):
     return find_accelerator(args.gpu)
 
 
-def _moe(args: argparse.Namespace):
-    from crucible.plan.params import MoESpec
+def _moe(args: argparse.Namespace, cfg):
+    """A MoEConfig from the --experts flags (None without them: the config's own model.moe)."""
+    from pydantic import ValidationError
+
+    from crucible.config import ConfigError, MoEConfig
 
     if not args.experts:
         return None
-    return MoESpec(args.experts, args.top_k, args.expert_intermediate or 0, args.shared_experts)
+    try:
+        return MoEConfig(
+            num_experts=args.experts,
+            top_k=args.top_k,
+            expert_intermediate_size=args.expert_intermediate or cfg.model.intermediate_size,
+            shared_experts=args.shared_experts,
+        )
+    except ValidationError as e:
+        msg = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+        raise ConfigError(f"--experts/--top-k/--shared-experts: {msg}") from None
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -81,7 +93,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         budget_gpu_hours=args.budget_gpu_hours,
         budget_cost=args.budget_cost,
         precision=args.precision or ("autocast" if trainer else "mixed"),
-        moe=_moe(args),
+        moe=_moe(args, cfg),
         search=args.search,
         top=args.top,
         flops=args.flops,
@@ -311,7 +323,7 @@ def _plan_parser(sub) -> None:
         "training config for `crucible train`",
     )
     g.add_argument("--top", type=positive_int, default=5, help="layouts to show with --search")
-    g = p.add_argument_group("mixture of experts (replaces every MLP)")
+    g = p.add_argument_group("mixture of experts (replaces every MLP; default: model.moe)")
     g.add_argument("--experts", type=nonneg_int, default=0, help="number of routed experts")
     g.add_argument("--top-k", type=positive_int, default=2, help="experts per token")
     g.add_argument(

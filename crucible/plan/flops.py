@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from crucible.config import ModelConfig
-from crucible.plan.params import MoESpec, count_params
+from crucible.config import ModelConfig, MoEConfig
+from crucible.plan.params import count_params
 
 
-def matmul_params(cfg: ModelConfig, moe: MoESpec | None = None) -> int:
+def matmul_params(cfg: ModelConfig, moe: MoEConfig | None = None) -> int:
     """Parameters that take part in a matmul per token: the body plus the output projection.
 
     The input embedding is a lookup (no FLOPs); the output projection always costs vocab x hidden
@@ -28,5 +28,5 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = Tru
     return fwd_bwd / 2 if causal else fwd_bwd
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int, moe: MoESpec | None = None) -> float:
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, moe: MoEConfig | None = None) -> float:
     return 6 * matmul_params(cfg, moe) + attention_flops_per_token(cfg, seq_len)

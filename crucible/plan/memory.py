@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from crucible.config import ModelConfig
-from crucible.plan.params import MoESpec, attention_params_per_layer
+from crucible.config import ModelConfig, MoEConfig
+from crucible.plan.params import attention_params_per_layer
 
 MiB = 2**20
 GiB = 2**30
@@ -90,7 +90,7 @@ def check_layout(cfg: ModelConfig, layout: Layout) -> None:
 # --------------------------------------------------------------------------- parameters
 
 
-def params_per_gpu(cfg: ModelConfig, layout: Layout, moe: MoESpec | None = None) -> int:
+def params_per_gpu(cfg: ModelConfig, layout: Layout, moe: MoEConfig | None = None) -> int:
     """Parameters held by the most loaded GPU before ZeRO sharding (TP and PP split them).
 
     TP splits attention, MLP and (vocab_parallel) the embedding; norms are replicated. PP gives
@@ -98,6 +98,7 @@ def params_per_gpu(cfg: ModelConfig, layout: Layout, moe: MoESpec | None = None)
     final norm and the output head (a copy of the embedding when tied and PP > 1).
     """
     d, tp = cfg.hidden_size, layout.tp
+    moe = moe if moe is not None else cfg.moe
     norm = 2 * d + (2 * cfg.dim_per_head if cfg.qk_norm else 0)
     if moe is None:
         mlp = 3 * d * cfg.intermediate_size
@@ -245,7 +246,7 @@ def estimate_memory(
     cfg: ModelConfig,
     layout: Layout,
     precision: Precision = "mixed",
-    moe: MoESpec | None = None,
+    moe: MoEConfig | None = None,
     logits: Literal["chunked", "full"] = "chunked",
 ) -> MemoryEstimate:
     """Bytes per GPU of each training-state component and the timeline of the first two steps."""
@@ -288,7 +289,7 @@ def _norm_params(cfg: ModelConfig, layout: Layout) -> int:
     return math.ceil(cfg.num_layers / layout.pp) * per_block + cfg.hidden_size
 
 
-def _recomputed_weights(cfg: ModelConfig, layout: Layout, moe: MoESpec | None) -> float:
+def _recomputed_weights(cfg: ModelConfig, layout: Layout, moe: MoEConfig | None) -> float:
     """Parameters whose autocast bf16 copies are not kept for backward: the weights used inside
     a recomputed region are cast again when it is re-run (full: the whole block's projections;
     selective: the down projection)."""

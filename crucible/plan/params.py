@@ -1,27 +1,17 @@
 """Exact parameter counts from a ModelConfig, without building the model.
 
-Dense models come straight from ModelConfig. Mixture-of-experts layers are a planning option
-(`MoESpec`) until the model grows them: every MLP becomes `num_experts` SwiGLU experts plus
-optional always-on shared experts and a linear router, of which `top_k` run per token.
+This is the one source of the counts: `crucible count-params`, the planner, the trainer's MFU and
+the ablation runner all read it, and tests compare it with `sum(p.numel())` of the built model.
+Mixture-of-experts (`ModelConfig.moe`, or a `MoEConfig` passed for planning): every MLP becomes
+`num_experts` SwiGLU experts plus optional always-on shared experts and a linear router, of which
+`top_k` routed experts run per token. Buffers (the aux-loss-free selection bias) are not parameters.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from crucible.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class MoESpec:
-    num_experts: int
-    top_k: int
-    expert_intermediate_size: int
-    shared_experts: int = 0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"MoE top_k {self.top_k} must be in 1..num_experts {self.num_experts}")
+from crucible.config import ModelConfig, MoEConfig
 
 
 @dataclass(frozen=True)
@@ -68,22 +58,31 @@ def attention_params_per_layer(cfg: ModelConfig) -> int:
     return attn
 
 
-def count_params(cfg: ModelConfig, moe: MoESpec | None = None) -> ParamCount:
+def mlp_params_per_layer(cfg: ModelConfig, moe: MoEConfig | None = None) -> tuple[int, int]:
+    """(stored, active per token) parameters of one block's MLP; `moe` defaults to cfg.moe."""
+    moe = moe if moe is not None else cfg.moe
+    d = cfg.hidden_size
+    if moe is None:
+        dense = 3 * d * cfg.intermediate_size  # gate, up, down
+        return dense, dense
+    expert = 3 * d * moe.expert_intermediate_size
+    router = d * moe.num_experts
+    stored = (moe.num_experts + moe.shared_experts) * expert + router
+    return stored, (moe.top_k + moe.shared_experts) * expert + router
+
+
+def count_params(cfg: ModelConfig, moe: MoEConfig | None = None) -> ParamCount:
+    """Parameters by component; `moe` (planning) defaults to the config's own `moe`."""
     d, hd, layers = cfg.hidden_size, cfg.dim_per_head, cfg.num_layers
     qk_norm = 2 * hd if cfg.qk_norm else 0
     embed = cfg.vocab_size * d
-    if moe is None:
-        mlp, mlp_active = 3 * d * cfg.intermediate_size, None  # gate, up, down
-    else:
-        expert = 3 * d * moe.expert_intermediate_size
-        router = d * moe.num_experts
-        mlp = (moe.num_experts + moe.shared_experts) * expert + router
-        mlp_active = layers * ((moe.top_k + moe.shared_experts) * expert + router)
+    moe = moe if moe is not None else cfg.moe
+    mlp, mlp_active = mlp_params_per_layer(cfg, moe)
     return ParamCount(
         embedding=embed,
         attention=layers * attention_params_per_layer(cfg),
         mlp=layers * mlp,
         norm=layers * (2 * d + qk_norm) + d,  # two norms per block, qk-norm, final norm
         lm_head=0 if cfg.tie_embeddings else embed,
-        mlp_active=mlp_active,
+        mlp_active=None if moe is None else layers * mlp_active,
     )

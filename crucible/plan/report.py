@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from crucible.config import RunConfig
+from crucible.config import MoEConfig, RunConfig
 from crucible.plan.budget import DEFAULT_MFU, ComputePlan, gpu_days_for_tokens, tokens_for_budget
 from crucible.plan.flops import attention_flops_per_token, matmul_params
 from crucible.plan.hardware import Accelerator
 from crucible.plan.kvcache import kv_cache_bytes_per_sequence, kv_cache_bytes_per_token
 from crucible.plan.memory import Layout, MiB, Precision, estimate_memory
-from crucible.plan.params import MoESpec, count_params
+from crucible.plan.params import count_params
 from crucible.plan.scaling import HOFFMANN_2022, compute_optimal
 from crucible.plan.search import Cluster, search_layouts
 from crucible.plan.trainer_layouts import NOT_SUPPORTED
@@ -30,7 +30,7 @@ class PlanRequest:
     budget_gpu_hours: float | None = None
     budget_cost: float | None = None
     precision: Precision = "mixed"
-    moe: MoESpec | None = None
+    moe: MoEConfig | None = None
     search: bool = False
     top: int = 5
     flops: str = "6N+attention"  # or "6N": the playbook's and Chinchilla's count

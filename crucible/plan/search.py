@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from crucible.config import ModelConfig
+from crucible.config import ModelConfig, MoEConfig
 from crucible.plan.flops import train_flops_per_token
 from crucible.plan.hardware import Accelerator, pcie_bandwidth_gbs
 from crucible.plan.memory import (
@@ -25,7 +25,6 @@ from crucible.plan.memory import (
     estimate_memory,
     params_per_gpu,
 )
-from crucible.plan.params import MoESpec
 from crucible.plan.trainer_layouts import as_trainer_runs, trainer_support
 
 # Extra compute per step for each recomputation mode: full re-runs the forward (2N of 6N),
@@ -77,7 +76,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def predict_step(
-    cfg: ModelConfig, layout: Layout, cluster: Cluster, global_batch: int, moe: MoESpec | None
+    cfg: ModelConfig, layout: Layout, cluster: Cluster, global_batch: int, moe: MoEConfig | None
 ) -> dict[str, float]:
     """Seconds per optimizer step by cause, for the slowest GPU."""
     seq, world = layout.seq_len, layout.world_size
@@ -130,7 +129,7 @@ def search_layouts(
     recompute: tuple[str, ...] = RECOMPUTE_MODES,
     max_cp: int = 8,
     precision: Precision = "mixed",
-    moe: MoESpec | None = None,
+    moe: MoEConfig | None = None,
     trainer_only: bool = False,
 ) -> list[Candidate]:
     """Every layout of `cluster.gpus` GPUs that reaches `global_batch` sequences and fits,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from crucible.model.moe import update_router_bias
 from crucible.train.distributed import all_reduce_sum, clip_grad_norm, sync_grads_context
 from crucible.train.schedule import lr_at
 from crucible.train.state import Run, StepResult
@@ -38,10 +39,13 @@ class Loss:
 
 
 def pretraining_loss(run: Run, batch) -> Loss:
-    """Next-token cross-entropy; the z-loss term is trained on but logged beside the loss."""
+    """Next-token cross-entropy; the z-loss and MoE auxiliary terms are trained on but logged
+    beside the loss, so that `loss` compares with the validation loss."""
     out = run.model(batch.tokens, batch.targets, doc_ids=batch.doc_ids)
     z = out.z_loss.detach() if out.z_loss is not None else out.loss.new_zeros(())
-    return Loss(out.loss, {"loss": out.loss.detach() - run.cfg.model.z_loss * z, "z_loss": z})
+    aux = {k: v.detach() for k, v in out.aux.items()}  # MoE: moe_loss is their weighted sum
+    ce = out.loss.detach() - run.cfg.model.z_loss * z - aux.get("moe_loss", 0.0)
+    return Loss(out.loss, {"loss": ce, "z_loss": z, **aux})
 
 
 def train_step(run: Run, step: int) -> StepResult:
@@ -101,6 +105,7 @@ def train_step(run: Run, step: int) -> StepResult:
             if hasattr(cb, "before_update"):
                 cb.before_update(run, result)
         run.optimizer.step()
+        update_router_bias(run.model)  # MoE aux-loss-free balancing; a no-op otherwise
     run.optimizer.zero_grad(set_to_none=True)
     result.compute_seconds = time.perf_counter() - t0 - t_data
     return result

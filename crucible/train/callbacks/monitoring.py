@@ -1,6 +1,7 @@
 """Monitoring beyond loss, and alerts that name a probable cause.
 
-Cheap, at every log step (`monitor` events): host and device memory. The logging callback
+Cheap, at every log step (`monitor` events): host and device memory, and for MoE models the
+expert load per layer with a balance measure (max/mean, coefficient of variation). The logging callback
 already records tokens/s, the data-wait share of step time and the z-loss.
 
 Detailed, every `monitor.every` steps (`monitor_detail` events), through hooks that exist only
@@ -22,6 +23,7 @@ from contextlib import nullcontext
 
 import torch
 
+from crucible.model.moe import moe_stats
 from crucible.model.rope import apply_rope
 from crucible.train.callbacks.base import Callback
 from crucible.train.distributed import all_reduce_sum
@@ -220,6 +222,7 @@ class MonitorCallback(Callback):
         if result.step % run.cfg.train.log_every:
             return
         values = {"host_memory_gib": host_memory_gib()}
+        values.update(moe_stats(run.model))  # MoE: expert load per layer (this rank); {} if dense
         if run.device.type == "cuda":
             values["device_memory_gib"] = torch.cuda.memory_allocated(run.device) / 2**30
             values["device_peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
