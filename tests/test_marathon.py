@@ -379,6 +379,7 @@ def test_throughput_drop_alert_names_the_data_loader(small_overrides):
         def __init__(self):
             self.cfg, self.tokens_per_step = cfg, 512
             self.device = torch.device("cpu")
+            self.model = torch.nn.Linear(1, 1)  # dense: no expert statistics
 
         def log(self, event, step, **values):
             logged.append((event, values))
