@@ -12,14 +12,25 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from crucible.tokenizer.words import BACKENDS, DEFAULT_BACKEND
+
 DEFAULT_VOCAB = 8192
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
+def _cap_bytes(text: str, limit: int) -> str:
+    """The longest prefix of `text` whose UTF-8 encoding fits in `limit` bytes."""
+    return text.encode()[:limit].decode("utf-8", "ignore")
+
+
 def _input_texts(specs: list[str], text_field: str, max_mb: float | None) -> Iterator[str]:
-    """Texts of files/globs/directories (JSONL by suffix, else plain text) or `stdlib[:SUBSET]`."""
+    """Texts of files/globs/directories (JSONL by suffix, else plain text) or `stdlib[:SUBSET]`.
+
+    `max_mb` caps the UTF-8 bytes yielded over all `specs` together (1 MB = 10^6 bytes): the text
+    that crosses the cap is cut, and nothing is read after it.
+    """
     from crucible.data.sources import SourceConfig, iter_source
 
     budget = int(max_mb * 1e6) if max_mb else None
@@ -32,10 +43,13 @@ def _input_texts(specs: list[str], text_field: str, max_mb: float | None) -> Ite
             kind = "jsonl" if re.search(r"\.jsonl(\.gz)?$|\.json$", spec) else "text"
             cfg = SourceConfig(name="input", kind=kind, paths=[spec], text_field=text_field)
         for doc in iter_source(cfg):
-            if budget is not None and used >= budget:
-                return
-            used += len(doc.text.encode())
-            yield doc.text
+            text = doc.text
+            if budget is not None:
+                if used >= budget:
+                    return
+                text = _cap_bytes(text, budget - used)
+            used += len(text.encode())
+            yield text
 
 
 def _pairs(values: list[str], what: str) -> list[tuple[str, str]]:
@@ -85,10 +99,13 @@ def _cmd_tokenizer_eval(args: argparse.Namespace) -> int:
     corpora = []
     for label, spec in _pairs(args.corpus, "--corpus"):
         text = "\n".join(_input_texts([spec], args.text_field, args.max_mb))
+        if args.max_mb:  # the joining newlines count too: the cap holds for the whole corpus
+            text = _cap_bytes(text, int(args.max_mb * 1e6))
         lang = langs.get(label, label if re.fullmatch(r"[a-z]{2,3}", label) else None)
         corpora.append(EvalCorpus(label, text, lang))
     rows = evaluate_tokenizers(paths, corpora, args.splitter, args.collapse_whitespace, names=names)
-    Console().print(metrics_table(rows))
+    # Logs and pipes get a wide table, so no column (the splitter above all) is cut.
+    Console(width=None if sys.stdout.isatty() else 200).print(metrics_table(rows))
     out = Path(args.out)
     print(f"wrote {write_json(rows, out / 'tokenizer_metrics.json')}")
     print(f"wrote {bar_chart(rows, out / 'tokenizer_metrics.png')}")
@@ -197,7 +214,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "<|im_end|>, <|begin_of_text|>)",
     )
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    p.add_argument("--max-mb", type=float, help="use at most this many MB of text")
+    p.add_argument("--max-mb", type=float, help="use at most this many MB of text, over all inputs")
     p.set_defaults(func=_cmd_tokenizer_train)
 
     p = tsub.add_parser(
@@ -205,8 +222,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fertility, continued words, bytes/chars per token: table + bar chart",
         description="Compare tokenizers on corpora. Fertility = tokens per word (each word "
         "encoded alone); continued words = share of words of 2+ tokens; bytes/chars per token "
-        "on the whole text. Words come from a per-language splitter (regex, or spaCy's rules "
-        "when installed).",
+        "on the whole text. Words come from --splitter: regex (default; \\w+ runs and punctuation "
+        "runs, elided articles kept for fr/it), whitespace (str.split), or spacy (spacy.blank "
+        "rules; needs spaCy). The table and JSON name the splitter that ran.",
         formatter_class=fmt,
     )
     p.add_argument(
@@ -222,13 +240,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "LABEL (en, fr...) is also the language",
     )
     p.add_argument("--lang", action="append", help="LABEL=CODE: language of a corpus")
-    p.add_argument("--splitter", choices=("auto", "regex", "spacy"), default="auto")
+    p.add_argument(
+        "--splitter",
+        choices=BACKENDS,
+        default=DEFAULT_BACKEND,
+        help="word definition (fertility depends on it; see docs/data.md)",
+    )
     p.add_argument(
         "--collapse-whitespace",
         action="store_true",
         help="collapse whitespace runs first (prose: indentation would dominate bytes/token)",
     )
-    p.add_argument("--max-mb", type=float, default=2.0, help="text cap per corpus")
+    p.add_argument(
+        "--max-mb", type=float, default=2.0, help="cap on UTF-8 text per corpus, over all its files"
+    )
     p.add_argument("--text-field", default="text")
     p.add_argument("--out", default="tokenizer-eval", help="where the JSON and PNG go")
     p.set_defaults(func=_cmd_tokenizer_eval)
