@@ -1,5 +1,5 @@
 """CLI commands for data and tokenizers: `crucible tokenizer train|eval`, `crucible data
-process|tokenize|mixture`. `register(subparsers)` adds them to the main parser; each leaf sets
+process|tokenize|inspect|mixture`. `register(subparsers)` adds them to the main parser; each leaf sets
 ``func`` (returning an exit code), as the other commands do.
 """
 
@@ -152,6 +152,15 @@ def _cmd_data_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from crucible.data.inspect import format_report, histogram_png, inspect_path
+
+    ins = inspect_path(args.path, args.tokenizer, args.samples, args.max_docs, args.seed)
+    print(format_report(ins))
+    print(f"wrote {histogram_png(ins, Path(args.out) / 'lengths.png')}")
+    return 0
+
+
 def _cmd_data_mixture(args: argparse.Namespace) -> int:
     import yaml
 
@@ -287,6 +296,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-tokens", type=int, help="tokens per .ds file (default 64 Mi)")
     p.add_argument("--text-field", default="text")
     p.set_defaults(func=_cmd_data_tokenize)
+
+    p = dsub.add_parser(
+        "inspect",
+        help="documents, tokens, length histogram, source shares, samples of a dataset",
+        description="Inspect a shard directory (dataset.json, bare .ds files, or a `data "
+        "tokenize` output), a JSONL file or directory, or a mixture YAML (`shards: DIR` or "
+        "`sources: {name: dir}`, also under `data:`). Prints documents, tokens, each source's "
+        "share, a length histogram and decoded samples; writes OUT/lengths.png; warns where "
+        "shards and tokenizer disagree.",
+        formatter_class=fmt,
+    )
+    p.add_argument("path", help="shard directory, .jsonl file/directory, or mixture .yaml")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer.json to check the shards against (and to count JSONL tokens with)",
+    )
+    p.add_argument("--samples", type=int, default=3, help="decoded documents shown per source")
+    p.add_argument("--max-docs", type=int, help="JSONL: read at most this many documents")
+    p.add_argument("--seed", type=int, default=0, help="which documents are sampled")
+    p.add_argument("--out", default="data-inspect", help="where lengths.png goes")
+    p.set_defaults(func=_cmd_data_inspect)
 
     p = dsub.add_parser(
         "mixture",
