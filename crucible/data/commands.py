@@ -118,8 +118,11 @@ def _cmd_tokenizer_eval(args: argparse.Namespace) -> int:
 def _cmd_data_process(args: argparse.Namespace) -> int:
     from crucible.data.pipeline import load_pipeline, run_pipeline
 
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     cfg = load_pipeline(args.pipeline)
-    stats = run_pipeline(cfg, show_progress=sys.stderr.isatty())
+    workers = None if args.workers == 1 else args.workers
+    stats = run_pipeline(cfg, show_progress=sys.stderr.isatty(), workers=workers)
     print(f"{stats['docs_in']} documents in, {stats['docs_out']} kept ({stats['seconds']} s)")
     for reason, n in stats["removed_by_reason"].items():
         print(f"  removed {n:>8}  {reason}")
@@ -280,6 +283,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=fmt,
     )
     p.add_argument("pipeline", help="pipeline YAML file")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local worker processes for the filters (and tokenization); 1: this process. "
+        "Output is identical for any N",
+    )
     p.set_defaults(func=_cmd_data_process)
 
     p = dsub.add_parser(

@@ -60,13 +60,23 @@ class ExactDedup:
     name: str = "exact_dedup"
     _seen: set[bytes] = field(default_factory=set, repr=False)
 
-    def is_duplicate(self, text: str) -> bool:
-        key = simplify_text(text) if self.normalize else text
-        digest = hashlib.sha256(key.encode()).digest()[:16]
-        if digest in self._seen:
+    def key(self, text: str) -> bytes:
+        """What two duplicates share: 16 bytes of SHA-256 of the (simplified) text."""
+        return hashlib.sha256((simplify_text(text) if self.normalize else text).encode()).digest()[
+            :16
+        ]
+
+    def seen_or_add(self, key: bytes | None) -> bool:
+        """True if `key` was seen before; else remember it."""
+        if key is None:
+            return False
+        if key in self._seen:
             return True
-        self._seen.add(digest)
+        self._seen.add(key)
         return False
+
+    def is_duplicate(self, text: str) -> bool:
+        return self.seen_or_add(self.key(text))
 
 
 @dataclass
@@ -101,12 +111,21 @@ class MinHashDedup:
             np.minimum(sig, block.min(axis=0), out=sig)
         return sig
 
-    def is_duplicate(self, text: str) -> bool:
+    def key(self, text: str) -> bytes | None:
+        """The signature as bytes (what `seen_or_add` needs), None for a text without words."""
         sig = self.signature(text)
-        if sig is None:
+        return None if sig is None else sig.tobytes()
+
+    def seen_or_add(self, key: bytes | None) -> bool:
+        """True if any band of the signature `key` was indexed before; indexes all its bands."""
+        if key is None:
             return False
-        keys = [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
-        dup = any(key in bucket for key, bucket in zip(keys, self._buckets))
-        for key, bucket in zip(keys, self._buckets):
-            bucket.add(key)
+        width = self.rows * 8  # uint64 hashes
+        keys = [key[i * width : (i + 1) * width] for i in range(self.bands)]
+        dup = any(k in bucket for k, bucket in zip(keys, self._buckets))
+        for k, bucket in zip(keys, self._buckets):
+            bucket.add(k)
         return dup
+
+    def is_duplicate(self, text: str) -> bool:
+        return self.seen_or_add(self.key(text))
