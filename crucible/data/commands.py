@@ -121,8 +121,16 @@ def _cmd_data_process(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     cfg = load_pipeline(args.pipeline)
-    workers = None if args.workers == 1 else args.workers
-    stats = run_pipeline(cfg, show_progress=sys.stderr.isatty(), workers=workers)
+    if args.executor != "local":
+        from crucible.data.datatrove_run import run_datatrove
+
+        stats = run_datatrove(cfg, args.executor, args.workers)
+        if stats is None:
+            print(f"submitted the Slurm jobs; {cfg.output}/stats.json appears when they finish")
+            return 0
+    else:
+        workers = None if args.workers == 1 else args.workers
+        stats = run_pipeline(cfg, show_progress=sys.stderr.isatty(), workers=workers)
     print(f"{stats['docs_in']} documents in, {stats['docs_out']} kept ({stats['seconds']} s)")
     for reason, n in stats["removed_by_reason"].items():
         print(f"  removed {n:>8}  {reason}")
@@ -289,6 +297,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         help="local worker processes for the filters (and tokenization); 1: this process. "
         "Output is identical for any N",
+    )
+    p.add_argument(
+        "--executor",
+        choices=("local", "datatrove-local", "slurm", "ray"),
+        default="local",
+        help="local: this machine (--workers processes); the others run the same steps as "
+        "datatrove jobs (needs datatrove; slurm needs sbatch and datatrove.slurm in the file; "
+        "ray needs ray). See docs/data.md",
     )
     p.set_defaults(func=_cmd_data_process)
 

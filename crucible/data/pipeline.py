@@ -58,6 +58,36 @@ class TokenizeSection(BaseModel):
     shard_tokens: int | None = Field(None, ge=1)
 
 
+class SlurmSection(BaseModel):
+    """`--executor slurm`: passed to datatrove's SlurmPipelineExecutor for every job."""
+
+    model_config = ConfigDict(extra="forbid")
+    partition: str
+    time: str = Field("04:00:00", description="Slurm time limit per job (HH:MM:SS).")
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: float = Field(2, gt=0)
+    qos: str = "normal"
+    job_name: str = Field("crucible-data", description="Prefix; each job appends its stage.")
+    venv_path: str | None = Field(None, description="Virtualenv to activate on the nodes.")
+    env_command: str | None = Field(None, description="Shell command run before each job.")
+    sbatch_args: dict[str, str] = Field(default_factory=dict, description="Extra #SBATCH keys.")
+
+
+class RaySection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    address: str | None = Field(None, description="ray.init address; None: a local Ray.")
+    cpus_per_task: int = Field(1, ge=1)
+
+
+class DatatroveSection(BaseModel):
+    """Settings of the datatrove executors (`--executor datatrove-local|slurm|ray`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    work_dir: str | None = Field(None, description="Intermediate files; default OUTPUT/.datatrove.")
+    slurm: SlurmSection | None = None
+    ray: RaySection | None = None
+
+
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -67,6 +97,7 @@ class PipelineConfig(BaseModel):
     sample_per_reason: int = Field(5, ge=0)
     seed: int = 0
     tokenize: TokenizeSection | None = None
+    datatrove: DatatroveSection | None = None
 
     @field_validator("steps")
     @classmethod
@@ -96,6 +127,8 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:
         src.paths = [x if os.path.isabs(x) else str(base / x) for x in src.paths]
     if not os.path.isabs(cfg.output):
         cfg.output = str(base / cfg.output)
+    if cfg.datatrove and cfg.datatrove.work_dir and not os.path.isabs(cfg.datatrove.work_dir):
+        cfg.datatrove.work_dir = str(base / cfg.datatrove.work_dir)
     if cfg.tokenize:
         for key in ("tokenizer", "out"):
             value = getattr(cfg.tokenize, key)
