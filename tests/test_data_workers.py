@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from crucible.data.pipeline import load_pipeline, run_pipeline
+from crucible.data.shards import ShardSet
 from crucible.data.workers import PARTS_DIR, WorkerError
 from crucible.tokenizer.train import train_tokenizer
 
@@ -109,6 +110,15 @@ def test_four_workers_match_one_process(root):
     assert _files(root / "four-shards") == _files(root / "one-shards")
     assert four["tokenize"]["sources"] == one["tokenize"]["sources"]
     assert not (root / "four" / PARTS_DIR).exists()  # removed after a complete merge
+    # The shards read back through datatrove's own reader (nanotron's subclasses it).
+    dataset = pytest.importorskip("datatrove.utils.dataset")
+    seq = 16
+    theirs = dataset.DatatroveFolderDataset(str(root / "four-shards" / "web"), seq_len=seq)
+    ours = ShardSet(root / "four-shards" / "web")
+    assert 0 < len(theirs) * (seq + 1) <= ours.num_tokens  # windows of seq + 1 tokens
+    for i in (0, 1, len(theirs) - 1):
+        ids = theirs[i]["input_ids"].tolist()
+        assert ids == ours.read(i * (seq + 1), (i + 1) * (seq + 1)).tolist()
 
 
 def test_failed_task_names_file_and_record_and_rerun_redoes_only_it(root):
