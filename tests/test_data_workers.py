@@ -152,3 +152,21 @@ def test_changed_steps_invalidate_markers(root):
     stats = run_pipeline(cfg, show_progress=False, workers=2)
     assert stats["run"] == {"tasks": 7, "tasks_run": 7, "workers": 2}
     assert list(stats["steps"]) == ["gopher_quality"]
+
+
+def test_cli_workers_and_one_line_errors(root, capsys, monkeypatch):
+    from crucible.cli import main
+
+    path = pipeline(root, "cli", False)
+    with pytest.raises(SystemExit) as code:
+        main(["data", "process", str(path), "--workers", "2"])
+    assert code.value.code == 0
+    assert "63 documents in" in capsys.readouterr().out
+    for argv, message in (
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--executor", "datatrove-local"], "exact_dedup is not available"),
+    ):
+        with pytest.raises(SystemExit) as code:
+            main(["data", "process", str(path), *argv])
+        err = capsys.readouterr().err
+        assert code.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
