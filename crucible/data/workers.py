@@ -16,6 +16,7 @@ the rest. After a complete merge ``.parts`` is removed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -151,7 +152,6 @@ def run_tasks(
     out_dir: Path,
     workers: int,
     merge: Callable[[DocResult], None],
-    on_task: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the incomplete tasks on `workers` processes and feed every task's traces to `merge`,
     in task order. Raises `WorkerError` (after all tasks ran) when any task failed."""
@@ -162,11 +162,14 @@ def run_tasks(
     errors: list[str] = []
     # spawn: a fresh interpreter per worker (no forked locks or Rust thread pools).
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, max(1, len(todo)))) as pool:
-        args = [(t, steps_spec, str(parts), fps[t.index]) for t in todo]
-        results = pool.imap(_run_task_args, args)  # in task order, computed ahead
+    with contextlib.ExitStack() as stack:
+        results: Iterator[dict[str, Any]] = iter(())
+        if todo:
+            pool = stack.enter_context(ctx.Pool(min(workers, len(todo))))
+            args = [(t, steps_spec, str(parts), fps[t.index]) for t in todo]
+            results = pool.imap(_run_task_args, args)  # in task order, computed ahead
         pending = {t.index for t in todo}
-        for i, task in enumerate(tasks):
+        for task in tasks:
             if task.index in pending:
                 res = next(results)
                 if "error" in res:
@@ -174,8 +177,6 @@ def run_tasks(
             if not errors:  # merge as tasks complete; after a failure only wait for the rest
                 for r in _read_part(parts / f"{task.name}.jsonl"):
                     merge(r)
-            if on_task is not None:
-                on_task(i + 1, len(tasks))
     if errors:
         done = len(tasks) - len(errors)
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
