@@ -107,6 +107,14 @@ def test_jsonl_file_and_mixture(built, capsys, tmp_path):
     assert (out / "lengths.png").is_file() and [p.name for p in out.iterdir()] == ["lengths.png"]
 
 
+def test_processed_directory_skips_the_removal_sample(tmp_path):
+    (tmp_path / "web.jsonl").write_text('{"text": "kept"}\n{"text": "also kept"}\n')
+    (tmp_path / "removed_sample.jsonl").write_text('{"text": "removed", "reason": "c4"}\n')
+    (tmp_path / "stats.json").write_text(json.dumps({"outputs": ["web.jsonl"]}))
+    ins = inspect_path(tmp_path)
+    assert [(v.name, v.docs, v.total) for v in ins.sources] == [("web", 2, 13)]
+
+
 def test_length_bins_and_bad_input(tmp_path):
     bins = length_bins(np.array([1, 2, 3, 4, 1000]))
     assert bins[:3] == [(0, 2, 1), (2, 4, 2), (4, 8, 1)]

@@ -205,7 +205,11 @@ def inspect_path(
         dirs = _shard_dirs(p)
         kind = "shards"
         if not dirs:
-            files = sorted(p.glob("*.jsonl")) + sorted(p.glob("*.jsonl.gz"))
+            stats = p / "stats.json"
+            if stats.is_file():  # a `data process` output: the kept documents, not the sample
+                files = [p / n for n in json.loads(stats.read_text()).get("outputs", [])]
+            else:
+                files = sorted(p.glob("*.jsonl")) + sorted(p.glob("*.jsonl.gz"))
             if not files:
                 raise FileNotFoundError(f"data inspect: no shards or .jsonl files in {p}")
             views, capped = _jsonl_sources(files, user_tok, samples, max_docs, seed)
