@@ -5,7 +5,9 @@ JSONL files (a task per file), through every filter and both dedup steps. Each c
 run `--repeats` times, alternating, and the best time is kept; a time covers the whole
 `run_pipeline` call (worker start-up, traces, merge, writing the outputs). The outputs of every
 configuration are checked to be byte-identical. `uptime` is printed before and after: the load
-of a shared machine decides what the ratios mean.
+of a shared machine decides what the wall-clock ratios mean. CPU seconds (this process and its
+reaped children, `getrusage`) are printed too: they show what the parallel path costs in work,
+which load does not change.
 
     .venv/bin/python bench/data_process_scaling.py --mb 4 --workers 1 2 4 --json out.json
 """
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import tempfile
 import time
@@ -50,15 +53,23 @@ def write_corpus(root: Path, mb: float, files: int) -> tuple[int, int]:
     return len(docs), sum(len(d.text.encode()) for d in docs)
 
 
-def run_once(root: Path, out: str, workers: int | None) -> tuple[float, dict]:
+def cpu_seconds() -> float:
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        total += r.ru_utime + r.ru_stime
+    return total
+
+
+def run_once(root: Path, out: str, workers: int | None) -> tuple[float, float, dict]:
     cfg = PipelineConfig(
         sources=[{"name": "stdlib", "kind": "jsonl", "paths": [str(root)], "id_field": "id"}],
         steps=STEPS,
         output=str(root.parent / out),
     )
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     stats = run_pipeline(cfg, show_progress=False, workers=workers)
-    return time.perf_counter() - start, stats
+    return time.perf_counter() - start, cpu_seconds() - cpu, stats
 
 
 def main() -> None:
@@ -81,12 +92,14 @@ def main() -> None:
         configs: list[tuple[str, int | None]] = [("single process", None)]
         configs += [(f"{w} worker{'s' * (w > 1)}", w) for w in args.workers]
         best: dict[str, float] = {}
+        best_cpu: dict[str, float] = {}
         outputs: dict[str, bytes] = {}
         for _ in range(args.repeats):
             for name, workers in configs:
                 out = name.replace(" ", "_")
-                seconds, stats = run_once(root, out, workers)
+                seconds, cpu, stats = run_once(root, out, workers)
                 best[name] = min(best.get(name, float("inf")), seconds)
+                best_cpu[name] = min(best_cpu.get(name, float("inf")), cpu)
                 data = b"".join(
                     (root.parent / out / f).read_bytes()
                     for f in ("stdlib.jsonl", "removed_sample.jsonl")
@@ -99,13 +112,14 @@ def main() -> None:
     base = best["single process"]
     one = best.get("1 worker")
     rows = []
-    print(f"\n{'path':<16} {'seconds':>8} {'docs/s':>9} {'vs single':>10} {'vs 1 worker':>12}")
+    head = f"{'path':<16} {'seconds':>8} {'docs/s':>9} {'vs single':>10} {'vs 1 worker':>12}"
+    print(f"\n{head} {'CPU s':>7}")
     for name, _ in configs:
-        s = best[name]
+        s, c = best[name], best_cpu[name]
         vs_one = f"{one / s:.2f}x" if one else "-"
-        print(f"{name:<16} {s:>8.2f} {n_docs / s:>9.1f} {base / s:>9.2f}x {vs_one:>12}")
-        rows.append({"path": name, "seconds": s, "docs_per_s": n_docs / s, "vs_single": base / s}
-                    | ({"vs_1_worker": one / s} if one else {}))  # fmt: skip
+        print(f"{name:<16} {s:>8.2f} {n_docs / s:>9.1f} {base / s:>9.2f}x {vs_one:>12} {c:>7.2f}")
+        rows.append({"path": name, "seconds": s, "cpu_seconds": c, "docs_per_s": n_docs / s,
+                     "vs_single": base / s} | ({"vs_1_worker": one / s} if one else {}))  # fmt: skip
     print(f"\nkept {kept} of {n_docs} documents; outputs identical across paths: {identical}")
     if one and "2 workers" in best:
         print(f"2 workers / 1 worker: {one / best['2 workers']:.2f}x (target >= 1.7x on 2 cores)")
