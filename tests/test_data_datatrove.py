@@ -11,7 +11,7 @@ import yaml
 
 from crucible.config import ConfigError
 from crucible.data.datatrove_run import check_executor, run_datatrove
-from crucible.data.pipeline import load_pipeline, run_pipeline
+from crucible.data.pipeline import DatatroveSection, load_pipeline, run_pipeline
 from crucible.data.workers import WorkerError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -144,6 +144,13 @@ def test_rejected_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown option"):
         check_executor(cfg, "datatrove-local")
     cfg = load_pipeline(write_pipeline(tmp_path, "o", FILTERS))
+    work = tmp_path / "mine"
+    (work / "keep").mkdir(parents=True)
+    cfg.datatrove = DatatroveSection(work_dir=str(work))
+    with pytest.raises(ConfigError, match="holds files that are not crucible's"):
+        run_datatrove(cfg, "datatrove-local", 1)
+    assert (work / "keep").is_dir()  # a user's directory is never wiped
+    cfg.datatrove = None
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="`sbatch` is not on PATH"):
         check_executor(cfg, "slurm")

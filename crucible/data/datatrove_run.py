@@ -213,9 +213,10 @@ def _executors(cfg: PipelineConfig, executor: str, workers: int, work: Path) -> 
         else:
             from datatrove.executor.ray import RayPipelineExecutor
 
+            ray_cfg = cfg.datatrove.ray if cfg.datatrove and cfg.datatrove.ray else None
             ex = RayPipelineExecutor(
                 pipeline, tasks=tasks, workers=workers, logging_dir=logs, depends=prev,
-                cpus_per_task=cfg.datatrove.ray.cpus_per_task if cfg.datatrove and cfg.datatrove.ray else 1,
+                cpus_per_task=ray_cfg.cpus_per_task if ray_cfg else 1,
             )  # fmt: skip
         out.append(ex)
         prev = ex
@@ -238,7 +239,12 @@ def run_datatrove(cfg: PipelineConfig, executor: str, workers: int) -> dict[str,
     )
     fp_file = work / "pipeline.sha256"
     fp = _fingerprint(cfg)
-    if work.exists() and (not fp_file.is_file() or fp_file.read_text() != fp):
+    if work.exists() and not fp_file.is_file() and any(work.iterdir()):
+        raise ConfigError(
+            f"datatrove.work_dir {work} holds files that are not crucible's: choose a new or "
+            "empty directory"
+        )
+    if fp_file.is_file() and fp_file.read_text() != fp:
         shutil.rmtree(work)  # another pipeline's half-done work: start over
     work.mkdir(parents=True, exist_ok=True)
     fp_file.write_text(fp)
