@@ -1,5 +1,5 @@
 """CLI commands for data and tokenizers: `crucible tokenizer train|eval`, `crucible data
-process|tokenize|mixture`. `register(subparsers)` adds them to the main parser; each leaf sets
+process|tokenize|inspect|mixture`. `register(subparsers)` adds them to the main parser; each leaf sets
 ``func`` (returning an exit code), as the other commands do.
 """
 
@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from crucible.argtypes import check_out_path, positive_float, positive_int, removed_on_failure
+from crucible.tokenizer.words import BACKENDS, DEFAULT_BACKEND
 
 DEFAULT_VOCAB = 8192
 
@@ -20,8 +21,17 @@ DEFAULT_VOCAB = 8192
 # ----------------------------------------------------------------------------- helpers
 
 
+def _cap_bytes(text: str, limit: int) -> str:
+    """The longest prefix of `text` whose UTF-8 encoding fits in `limit` bytes."""
+    return text.encode()[:limit].decode("utf-8", "ignore")
+
+
 def _input_texts(specs: list[str], text_field: str, max_mb: float | None) -> Iterator[str]:
-    """Texts of files/globs/directories (JSONL by suffix, else plain text) or `stdlib[:SUBSET]`."""
+    """Texts of files/globs/directories (JSONL by suffix, else plain text) or `stdlib[:SUBSET]`.
+
+    `max_mb` caps the UTF-8 bytes yielded over all `specs` together (1 MB = 10^6 bytes): the text
+    that crosses the cap is cut, and nothing is read after it.
+    """
     from crucible.data.sources import SourceConfig, iter_source
 
     budget = int(max_mb * 1e6) if max_mb else None
@@ -34,10 +44,13 @@ def _input_texts(specs: list[str], text_field: str, max_mb: float | None) -> Ite
             kind = "jsonl" if re.search(r"\.jsonl(\.gz)?$|\.json$", spec) else "text"
             cfg = SourceConfig(name="input", kind=kind, paths=[spec], text_field=text_field)
         for doc in iter_source(cfg):
-            if budget is not None and used >= budget:
-                return
-            used += len(doc.text.encode())
-            yield doc.text
+            text = doc.text
+            if budget is not None:
+                if used >= budget:
+                    return
+                text = _cap_bytes(text, budget - used)
+            used += len(text.encode())
+            yield text
 
 
 def _pairs(values: list[str], what: str) -> list[tuple[str, str]]:
@@ -102,12 +115,15 @@ def _cmd_tokenizer_eval(args: argparse.Namespace) -> int:
     corpora = []
     for label, spec in _pairs(args.corpus, "--corpus"):
         text = "\n".join(_input_texts([spec], args.text_field, args.max_mb))
+        if args.max_mb:  # the joining newlines count too: the cap holds for the whole corpus
+            text = _cap_bytes(text, int(args.max_mb * 1e6))
         if not text.strip():
             raise ValueError(f"--corpus {label}={spec}: no text")
         lang = langs.get(label, label if re.fullmatch(r"[a-z]{2,3}", label) else None)
         corpora.append(EvalCorpus(label, text, lang))
     rows = evaluate_tokenizers(paths, corpora, args.splitter, args.collapse_whitespace, names=names)
-    Console().print(metrics_table(rows))
+    # Logs and pipes get a wide table, so no column (the splitter above all) is cut.
+    Console(width=None if sys.stdout.isatty() else 200).print(metrics_table(rows))
     out = Path(args.out)
     print(f"wrote {write_json(rows, out / 'tokenizer_metrics.json')}")
     print(f"wrote {bar_chart(rows, out / 'tokenizer_metrics.png')}")
@@ -120,8 +136,19 @@ def _cmd_tokenizer_eval(args: argparse.Namespace) -> int:
 def _cmd_data_process(args: argparse.Namespace) -> int:
     from crucible.data.pipeline import load_pipeline, run_pipeline
 
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     cfg = load_pipeline(args.pipeline)
-    stats = run_pipeline(cfg, show_progress=sys.stderr.isatty())
+    if args.executor != "local":
+        from crucible.data.datatrove_run import run_datatrove
+
+        stats = run_datatrove(cfg, args.executor, args.workers)
+        if stats is None:
+            print(f"submitted the Slurm jobs; {cfg.output}/stats.json appears when they finish")
+            return 0
+    else:
+        workers = None if args.workers == 1 else args.workers
+        stats = run_pipeline(cfg, show_progress=sys.stderr.isatty(), workers=workers)
     print(f"{stats['docs_in']} documents in, {stats['docs_out']} kept ({stats['seconds']} s)")
     for reason, n in stats["removed_by_reason"].items():
         print(f"  removed {n:>8}  {reason}")
@@ -155,6 +182,15 @@ def _cmd_data_tokenize(args: argparse.Namespace) -> int:
             summary = tokenize_jsonl_files(files, args.tokenizer, args.out, **kwargs)
     for name, s in summary["sources"].items():
         print(f"{args.out}/{name}: {s['tokens']:,} tokens, {s['docs']:,} docs ({s['dtype']})")
+    return 0
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from crucible.data.inspect import format_report, histogram_png, inspect_path
+
+    ins = inspect_path(args.path, args.tokenizer, args.samples, args.max_docs, args.seed)
+    print(format_report(ins))
+    print(f"wrote {histogram_png(ins, Path(args.out) / 'lengths.png')}")
     return 0
 
 
@@ -249,7 +285,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "<|im_end|>, <|begin_of_text|>)",
     )
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    p.add_argument("--max-mb", type=positive_float, help="use at most this many MB of text")
+    p.add_argument(
+        "--max-mb", type=positive_float, help="use at most this many MB of text, over all inputs"
+    )
     p.set_defaults(func=_cmd_tokenizer_train)
 
     p = tsub.add_parser(
@@ -257,8 +295,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fertility, continued words, bytes/chars per token: table + bar chart",
         description="Compare tokenizers on corpora. Fertility = tokens per word (each word "
         "encoded alone); continued words = share of words of 2+ tokens; bytes/chars per token "
-        "on the whole text. Words come from a per-language splitter (regex, or spaCy's rules "
-        "when installed).",
+        "on the whole text. Words come from --splitter: regex (default; \\w+ runs and punctuation "
+        "runs, elided articles kept for fr/it), whitespace (str.split), or spacy (spacy.blank "
+        "rules; needs spaCy). The table and JSON name the splitter that ran.",
         formatter_class=fmt,
     )
     p.add_argument(
@@ -274,13 +313,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "LABEL (en, fr...) is also the language",
     )
     p.add_argument("--lang", action="append", help="LABEL=CODE: language of a corpus")
-    p.add_argument("--splitter", choices=("auto", "regex", "spacy"), default="auto")
+    p.add_argument(
+        "--splitter",
+        choices=BACKENDS,
+        default=DEFAULT_BACKEND,
+        help="word definition (fertility depends on it; see docs/data.md)",
+    )
     p.add_argument(
         "--collapse-whitespace",
         action="store_true",
         help="collapse whitespace runs first (prose: indentation would dominate bytes/token)",
     )
-    p.add_argument("--max-mb", type=positive_float, default=2.0, help="text cap per corpus")
+    p.add_argument(
+        "--max-mb",
+        type=positive_float,
+        default=2.0,
+        help="cap on UTF-8 text per corpus, over all its files",
+    )
     p.add_argument("--text-field", default="text")
     p.add_argument("--out", default="tokenizer-eval", help="where the JSON and PNG go")
     p.set_defaults(func=_cmd_tokenizer_eval)
@@ -298,6 +347,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=fmt,
     )
     p.add_argument("pipeline", help="pipeline YAML file")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local worker processes for the filters (and tokenization); 1: this process. "
+        "Output is identical for any N",
+    )
+    p.add_argument(
+        "--executor",
+        choices=("local", "datatrove-local", "slurm", "ray"),
+        default="local",
+        help="local: this machine (--workers processes); the others run the same steps as "
+        "datatrove jobs (needs datatrove; slurm needs sbatch and datatrove.slurm in the file; "
+        "ray needs ray). See docs/data.md",
+    )
     p.set_defaults(func=_cmd_data_process)
 
     p = dsub.add_parser(
@@ -314,6 +378,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-tokens", type=positive_int, help="tokens per .ds file (default 64 Mi)")
     p.add_argument("--text-field", default="text")
     p.set_defaults(func=_cmd_data_tokenize)
+
+    p = dsub.add_parser(
+        "inspect",
+        help="documents, tokens, length histogram, source shares, samples of a dataset",
+        description="Inspect a shard directory (dataset.json, bare .ds files, or a `data "
+        "tokenize` output), a JSONL file or directory, or a mixture YAML (`shards: DIR` or "
+        "`sources: {name: dir}`, also under `data:`). Prints documents, tokens, each source's "
+        "share, a length histogram and decoded samples; writes OUT/lengths.png; warns where "
+        "shards and tokenizer disagree.",
+        formatter_class=fmt,
+    )
+    p.add_argument("path", help="shard directory, .jsonl file/directory, or mixture .yaml")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer.json to check the shards against (and to count JSONL tokens with)",
+    )
+    p.add_argument("--samples", type=int, default=3, help="decoded documents shown per source")
+    p.add_argument("--max-docs", type=int, help="JSONL: read at most this many documents")
+    p.add_argument("--seed", type=int, default=0, help="which documents are sampled")
+    p.add_argument("--out", default="data-inspect", help="where lengths.png goes")
+    p.set_defaults(func=_cmd_data_inspect)
 
     p = dsub.add_parser(
         "mixture",

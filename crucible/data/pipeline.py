@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from collections.abc import Iterable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +29,15 @@ from crucible.data.corpora import Document
 from crucible.data.dedup import ExactDedup, MinHashDedup
 from crucible.data.filters import (
     C4Lines,
-    FilterResult,
     FineWebQuality,
     GopherQuality,
     GopherRepetition,
     SpanRepeats,
 )
 from crucible.data.sources import SourceConfig, iter_sources
+from crucible.data.trace import Merger, Step, step_name, trace_document
+
+__all__ = ["Step", "build_step", "load_pipeline", "process_documents", "run_pipeline", "step_name"]
 
 STEP_TYPES: dict[str, type] = {
     "gopher_quality": GopherQuality,
@@ -48,15 +48,44 @@ STEP_TYPES: dict[str, type] = {
     "exact_dedup": ExactDedup,
     "minhash_dedup": MinHashDedup,
 }
-SAMPLE_CHARS = 2000  # removed texts are cut to this in the sample file
 
 
 class TokenizeSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tokenizer: str
     out: str
-    workers: int = Field(1, ge=1)
+    workers: int | None = Field(None, ge=1, description="Default: `--workers`, else 1.")
     shard_tokens: int | None = Field(None, ge=1)
+
+
+class SlurmSection(BaseModel):
+    """`--executor slurm`: passed to datatrove's SlurmPipelineExecutor for every job."""
+
+    model_config = ConfigDict(extra="forbid")
+    partition: str
+    time: str = Field("04:00:00", description="Slurm time limit per job (HH:MM:SS).")
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: float = Field(2, gt=0)
+    qos: str = "normal"
+    job_name: str = Field("crucible-data", description="Prefix; each job appends its stage.")
+    venv_path: str | None = Field(None, description="Virtualenv to activate on the nodes.")
+    env_command: str | None = Field(None, description="Shell command run before each job.")
+    sbatch_args: dict[str, str] = Field(default_factory=dict, description="Extra #SBATCH keys.")
+
+
+class RaySection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    address: str | None = Field(None, description="ray.init address; None: a local Ray.")
+    cpus_per_task: int = Field(1, ge=1)
+
+
+class DatatroveSection(BaseModel):
+    """Settings of the datatrove executors (`--executor datatrove-local|slurm|ray`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    work_dir: str | None = Field(None, description="Intermediate files; default OUTPUT/.datatrove.")
+    slurm: SlurmSection | None = None
+    ray: RaySection | None = None
 
 
 class PipelineConfig(BaseModel):
@@ -68,6 +97,7 @@ class PipelineConfig(BaseModel):
     sample_per_reason: int = Field(5, ge=0)
     seed: int = 0
     tokenize: TokenizeSection | None = None
+    datatrove: DatatroveSection | None = None
 
     @field_validator("steps")
     @classmethod
@@ -107,6 +137,8 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:
         src.paths = [x if os.path.isabs(x) else str(base / x) for x in src.paths]
     if not os.path.isabs(cfg.output):
         cfg.output = str(base / cfg.output)
+    if cfg.datatrove and cfg.datatrove.work_dir and not os.path.isabs(cfg.datatrove.work_dir):
+        cfg.datatrove.work_dir = str(base / cfg.datatrove.work_dir)
     if cfg.tokenize:
         for key in ("tokenizer", "out"):
             value = getattr(cfg.tokenize, key)
@@ -135,17 +167,6 @@ def _check_output(cfg: PipelineConfig, path: Path) -> None:
         )
 
 
-Step = Callable[[str], FilterResult]
-
-
-def _dedup_step(dedup: ExactDedup | MinHashDedup) -> Step:
-    def step(text: str) -> FilterResult:
-        return FilterResult(False, dedup.name) if dedup.is_duplicate(text) else FilterResult(True)
-
-    step.name = dedup.name  # type: ignore[attr-defined]
-    return step
-
-
 def build_step(name: str, options: dict[str, Any] | None) -> Step:
     options = dict(options or {})
     if name == "language":
@@ -167,108 +188,19 @@ def build_step(name: str, options: dict[str, Any] | None) -> Step:
         k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
         for k, v in options.items()
     }
-    obj = cls(**options)
-    return _dedup_step(obj) if isinstance(obj, ExactDedup | MinHashDedup) else obj
-
-
-def step_name(step: Step) -> str:
-    return getattr(step, "name", type(step).__name__)
-
-
-@dataclass
-class _Reservoir:
-    """Up to k items per key, uniformly sampled, reproducible from the seed."""
-
-    k: int
-    rng: random.Random
-
-    def __post_init__(self) -> None:
-        self.items: dict[str, list[dict]] = defaultdict(list)
-        self.seen: Counter[str] = Counter()
-
-    def offer(self, key: str, item: Callable[[], dict]) -> None:
-        self.seen[key] += 1
-        slot = self.items[key]
-        if len(slot) < self.k:
-            slot.append(item())
-        else:
-            j = self.rng.randrange(self.seen[key])
-            if j < self.k:
-                slot[j] = item()
+    return cls(**options)
 
 
 def process_documents(
     docs: Iterable[Document], steps: list[Step], sample_per_reason: int = 5, seed: int = 0
 ) -> tuple[list[Document], dict[str, Any], list[dict]]:
-    """Run `docs` through `steps` in memory; (kept, stats, removed sample). Used by tests and
-    by `run_pipeline` (which streams kept documents to disk instead)."""
+    """Run `docs` through `steps` in memory; (kept, stats, removed sample)."""
     kept: list[Document] = []
-    stats, sample = _process(docs, steps, kept.append, sample_per_reason, seed)
-    return kept, stats, sample
-
-
-def _process(
-    docs: Iterable[Document],
-    steps: list[Step],
-    emit: Callable[[Document], None],
-    sample_per_reason: int,
-    seed: int,
-) -> tuple[dict[str, Any], list[dict]]:
-    per_source: dict[str, Counter[str]] = defaultdict(Counter)
-    removed: Counter[str] = Counter()
-    removed_by_source: dict[str, Counter[str]] = defaultdict(Counter)
-    step_in: Counter[str] = Counter()
-    step_out: Counter[str] = Counter()
-    reservoir = _Reservoir(sample_per_reason, random.Random(seed))
+    merger = Merger(steps, kept.append, sample_per_reason, seed)
     for doc in docs:
-        counts = per_source[doc.source]
-        counts["docs_in"] += 1
-        counts["bytes_in"] += len(doc.text.encode())
-        text, reason = doc.text, None
-        for step in steps:
-            name = step_name(step)
-            step_in[name] += 1
-            result = step(text)
-            if not result.keep:
-                reason = result.reason or name
-                break
-            step_out[name] += 1
-            if result.text is not None:
-                text = result.text
-        if reason is None and not text.strip():
-            reason = "empty_after_filters"
-        if reason is not None:
-            removed[reason] += 1
-            removed_by_source[doc.source][reason] += 1
-            reservoir.offer(
-                reason,
-                lambda d=doc, r=reason: {
-                    "reason": r,
-                    "source": d.source,
-                    "id": d.id,
-                    "text": d.text[:SAMPLE_CHARS],
-                },
-            )
-            continue
-        counts["docs_out"] += 1
-        counts["bytes_out"] += len(text.encode())
-        emit(Document(text, doc.source, doc.id))
-    stats = {
-        "sources": {
-            s: {k: c[k] for k in ("docs_in", "docs_out", "bytes_in", "bytes_out")}
-            | {"removed": dict(sorted(removed_by_source[s].items()))}
-            for s, c in per_source.items()
-        },
-        "removed_by_reason": dict(sorted(removed.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "steps": {
-            step_name(s): {"in": step_in[step_name(s)], "kept": step_out[step_name(s)]}
-            for s in steps
-        },
-        "docs_in": sum(c["docs_in"] for c in per_source.values()),
-        "docs_out": sum(c["docs_out"] for c in per_source.values()),
-    }
-    sample = [item for key in sorted(reservoir.items) for item in reservoir.items[key]]
-    return stats, sample
+        merger.add(trace_document(doc, steps))
+    stats, sample = merger.result()
+    return kept, stats, sample
 
 
 class _JsonlOutputs:
@@ -288,57 +220,87 @@ class _JsonlOutputs:
             self.files[doc.source] = f
         f.write(json.dumps({"id": doc.id, "source": doc.source, "text": doc.text}) + "\n")
 
-    def close(self) -> list[Path]:
+    def close(self, commit: bool = True) -> list[Path]:
+        """Rename the finished files into place (`commit`), or delete them."""
         out = []
         for source, f in self.files.items():
             f.close()
+            if not commit:
+                self._tmp(source).unlink(missing_ok=True)
+                continue
             final = self.out_dir / f"{source}.jsonl"
             os.replace(self._tmp(source), final)
             out.append(final)
         return out
 
 
-def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict[str, Any]:
-    """Process all sources into `cfg.output`; returns the stats written to stats.json."""
+def run_pipeline(
+    cfg: PipelineConfig, show_progress: bool = True, workers: int | None = None
+) -> dict[str, Any]:
+    """Process all sources into `cfg.output`; returns the stats written to stats.json.
+
+    `workers` None runs everything in this process; an int runs the filters on that many worker
+    processes (`crucible.data.workers`) with the same output, and tokenizes with as many
+    processes unless the pipeline's `tokenize.workers` says otherwise.
+    """
     for src in cfg.sources:
         if "/" in src.name or src.name.startswith("."):
             raise ValueError(f"source name {src.name!r} must be a plain file name")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    names = [s.name for s in cfg.sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"source names must be unique, got {names}")
     steps = [build_step(name, opts) for step in cfg.steps for name, opts in step.items()]
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.jsonl"):
-        stale.unlink()
     start = time.perf_counter()
     writer = _JsonlOutputs(out)
+    merger = Merger(steps, writer.emit, cfg.sample_per_reason, cfg.seed)
+    ok = False
     try:
-        stats, sample = _process(
-            _with_progress(iter_sources(cfg.sources), show_progress),
-            steps,
-            writer.emit,
-            cfg.sample_per_reason,
-            cfg.seed,
-        )
+        if workers is None:
+            for doc in _with_progress(iter_sources(cfg.sources), show_progress):
+                merger.add(trace_document(doc, steps))
+            run_info: dict[str, Any] = {"workers": None}
+        else:
+            from crucible.data.workers import plan_tasks, run_tasks
+
+            run_info = run_tasks(plan_tasks(cfg.sources), cfg.steps, out, workers, merger.add)
+        ok = True
     finally:
-        files = writer.close()
+        files = writer.close(commit=ok)
+    stats, sample = merger.result()
+    for stale in out.glob("*.jsonl"):  # outputs of sources this run did not produce
+        if stale not in files and stale.name != "removed_sample.jsonl":
+            stale.unlink()
     stats["seconds"] = round(time.perf_counter() - start, 2)
+    stats["run"] = run_info
     stats["outputs"] = [f.name for f in files]
-    with open(out / "removed_sample.jsonl", "w", encoding="utf-8") as f:
-        for item in sample:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    _write_text(out / "removed_sample.jsonl", "".join(
+        json.dumps(item, ensure_ascii=False) + "\n" for item in sample
+    ))  # fmt: skip
+    _write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     if cfg.tokenize is not None:
         from crucible.data.tokenize import tokenize_jsonl_dir
 
+        tok_workers = cfg.tokenize.workers or workers or 1
         stats["tokenize"] = tokenize_jsonl_dir(
             out,
             cfg.tokenize.tokenizer,
             cfg.tokenize.out,
-            num_workers=cfg.tokenize.workers,
+            num_workers=tok_workers,
             shard_tokens=cfg.tokenize.shard_tokens,
             show_progress=show_progress,
         )
-        (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        _write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _with_progress(docs: Iterable[Document], show: bool) -> Iterable[Document]:

@@ -22,6 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from crucible.data.corpora import Document, iter_stdlib_documents
 
 SourceKind = Literal["text", "jsonl", "parquet", "hf", "stdlib"]
+# File suffixes each file-based kind picks up in directories (a file named explicitly is taken).
+FILE_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "text": (".txt", ".md", ".rst", ".txt.gz"),
+    "jsonl": (".jsonl", ".jsonl.gz", ".json"),
+    "parquet": (".parquet",),
+}
 
 
 class SourceConfig(BaseModel):
@@ -74,7 +80,7 @@ def _open_text(path: Path):
 
 
 def _iter_text(cfg: SourceConfig) -> Iterator[Document]:
-    for path in expand_paths(cfg.paths, (".txt", ".md", ".rst", ".txt.gz")):
+    for path in expand_paths(cfg.paths, FILE_SUFFIXES["text"]):
         with _open_text(path) as f:
             text = f.read()
         if text.strip():
@@ -92,7 +98,7 @@ def _record_doc(cfg: SourceConfig, record: dict, where: str) -> Document | None:
 
 
 def _iter_jsonl(cfg: SourceConfig) -> Iterator[Document]:
-    for path in expand_paths(cfg.paths, (".jsonl", ".jsonl.gz", ".json")):
+    for path in expand_paths(cfg.paths, FILE_SUFFIXES["jsonl"]):
         with _open_text(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -114,7 +120,7 @@ def _iter_parquet(cfg: SourceConfig) -> Iterator[Document]:
             f"source {cfg.name!r}: Parquet needs pyarrow (pip install pyarrow)"
         ) from None
     columns = [cfg.text_field] + ([cfg.id_field] if cfg.id_field else [])
-    for path in expand_paths(cfg.paths, (".parquet",)):
+    for path in expand_paths(cfg.paths, FILE_SUFFIXES["parquet"]):
         row = 0
         for batch in pq.ParquetFile(path).iter_batches(columns=columns):
             for record in batch.to_pylist():

@@ -25,7 +25,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from crucible.tokenizer.train import load_tokenizer
-from crucible.tokenizer.words import Backend, splitter_name, word_splitter
+from crucible.tokenizer.words import DEFAULT_BACKEND, Backend, splitter_name, word_splitter
 
 Encoder = Callable[[list[str]], list[list[int]]]  # texts -> ids, no special tokens
 
@@ -103,7 +103,7 @@ def evaluate_text(
     tokenizer: str = "tokenizer",
     corpus: str = "text",
     language: str | None = None,
-    backend: Backend = "auto",
+    backend: Backend = DEFAULT_BACKEND,
     collapse_whitespace: bool = False,
     batch_size: int = 4096,
 ) -> TokenizerMetrics:
@@ -146,7 +146,7 @@ class EvalCorpus:
 def evaluate_tokenizers(
     tokenizers: Sequence[str | os.PathLike[str]],
     corpora: Sequence[EvalCorpus],
-    backend: Backend = "auto",
+    backend: Backend = DEFAULT_BACKEND,
     collapse_whitespace: bool = False,
     names: Sequence[str | None] | None = None,
 ) -> list[TokenizerMetrics]:

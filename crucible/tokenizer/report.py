@@ -21,14 +21,18 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
 
 
 def metrics_table(rows: Sequence[TokenizerMetrics]) -> Table:
-    table = Table(title="tokenizer metrics (fertility, PCW: lower is better)")
-    for col in ("tokenizer", "corpus", "lang", "words"):
+    splitters = ", ".join(dict.fromkeys(r.splitter for r in rows)) or "-"
+    table = Table(
+        title="tokenizer metrics (fertility, PCW: lower is better)",
+        caption=f"words split by: {splitters}",
+    )
+    for col in ("tokenizer", "corpus", "lang", "splitter", "words"):
         table.add_column(col, justify="right" if col == "words" else "left")
     for _, title, _ in METRICS:
         table.add_column(title, justify="right")
     for r in rows:
         values = [f"{getattr(r, attr):.3f}" for attr, _, _ in METRICS]
-        table.add_row(r.tokenizer, r.corpus, r.language or "-", f"{r.words:,}", *values)
+        table.add_row(r.tokenizer, r.corpus, r.language or "-", r.splitter, f"{r.words:,}", *values)
     return table
 
 

@@ -1,11 +1,16 @@
 """Word splitters per language, the denominator of fertility and continued-word metrics.
 
-The default is a regular expression, so results never depend on what is installed: a word is a
-run of letters/digits (``\\w+``), and a run of punctuation counts as a word of its own (as a word
-tokenizer would emit it). French and Italian keep the elided article with its apostrophe
-(``l'``, ``dell'``), as spaCy's rules for those languages do. When spaCy is installed, ``spacy``
-uses its rule-based tokenizer for the language (``spacy.blank(lang)``: rules ship inside the pip
-package, no model download).
+The word definition moves fertility a lot (docs/data.md), so the splitter is always an explicit
+choice and never depends on what happens to be installed:
+
+* ``regex`` (the default): a word is a run of letters/digits (``\\w+``), and a run of punctuation
+  counts as a word of its own (as a word tokenizer would emit it). French and Italian keep the
+  elided article with its apostrophe (``l'``, ``dell'``), as spaCy's rules for those languages do.
+* ``whitespace``: ``str.split()``; punctuation stays attached to its word.
+* ``spacy``: spaCy's rule-based tokenizer for the language (``spacy.blank(lang)``: the rules ship
+  inside the pip package, no model download). An error when spaCy is not installed.
+
+Every report names the splitter that ran (`splitter_name`).
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from functools import cache
-from typing import Literal
+from typing import Literal, get_args
 
 WordSplitter = Callable[[str], list[str]]
-Backend = Literal["auto", "regex", "spacy"]
+Backend = Literal["regex", "whitespace", "spacy"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+DEFAULT_BACKEND: Backend = "regex"
 
 DEFAULT_WORD_RE = r"\w+|[^\w\s]+"
 # Elision: "l'homme" -> "l'", "homme"; the apostrophe belongs to the article.
@@ -29,34 +36,46 @@ def regex_splitter(language: str | None = None) -> WordSplitter:
     return pattern.findall
 
 
+def _whitespace_split(text: str) -> list[str]:
+    return text.split()
+
+
 @cache
-def _spacy_splitter(language: str) -> WordSplitter | None:
+def _spacy_splitter(language: str) -> WordSplitter:
     try:
         import spacy  # optional
     except ImportError:
-        return None
+        raise ValueError("--splitter spacy: spaCy is not installed (pip install spacy)") from None
     try:
         nlp = spacy.blank(language)
     except Exception:  # spaCy raises its own error types for unknown languages
-        return None
+        raise ValueError(f"--splitter spacy: spaCy has no tokenizer for {language!r}") from None
     return lambda text: [t.text for t in nlp.tokenizer(text) if not t.is_space]
 
 
-def word_splitter(language: str | None = None, backend: Backend = "auto") -> WordSplitter:
+def _check(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown word splitter {backend!r} (allowed: {', '.join(BACKENDS)})")
+
+
+def word_splitter(language: str | None = None, backend: Backend = DEFAULT_BACKEND) -> WordSplitter:
     """A function text -> words for `language` (ISO 639-1 code such as "en"; None: generic)."""
-    if backend not in ("auto", "regex", "spacy"):
-        raise ValueError(f"unknown word splitter backend {backend!r}")
-    if backend != "regex" and language:
-        spacy_split = _spacy_splitter(language)
-        if spacy_split is not None:
-            return spacy_split
-        if backend == "spacy":
-            raise ValueError(f"spaCy is not installed or has no tokenizer for {language!r}")
+    _check(backend)
+    if backend == "whitespace":
+        return _whitespace_split
+    if backend == "spacy":
+        if not language:
+            raise ValueError("--splitter spacy needs the corpus language (--lang LABEL=CODE)")
+        return _spacy_splitter(language)
     return regex_splitter(language)
 
 
-def splitter_name(language: str | None, backend: Backend = "auto") -> str:
-    """Which splitter `word_splitter` picks, for reports."""
-    if backend != "regex" and language and _spacy_splitter(language) is not None:
+def splitter_name(language: str | None, backend: Backend = DEFAULT_BACKEND) -> str:
+    """The splitter `word_splitter` uses, for reports: regex:fr, regex:default, whitespace,
+    spacy:de."""
+    _check(backend)
+    if backend == "whitespace":
+        return "whitespace"
+    if backend == "spacy":
         return f"spacy:{language}"
     return f"regex:{language if language in LANGUAGE_WORD_RE else 'default'}"
