@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="override of tiny for ours")
     ap.add_argument("--profile", choices=["ours", "nanogpt"], default=None)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--ce-chunk", type=int, default=None, help="ours: rows per loss chunk")
     args = ap.parse_args()
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(".cache/inductor"))
     cfg = load_config("tiny", args.set)
@@ -71,7 +72,7 @@ def main() -> None:
         0, cfg.model.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0)
     )
     print(f"# cpu step: {os.cpu_count()} cores, torch {torch.__version__}, amp {amp}, "
-          f"{B} x {T} tokens, overrides {args.set}, load average {os.getloadavg()}")  # fmt: skip
+          f"{B} x {T} tokens, overrides {args.set}, ce chunk {args.ce_chunk}, load average {os.getloadavg()}")  # fmt: skip
     if args.profile:
         torch.set_num_threads(int(args.threads.split(",")[0]))
         arm = build_ours("ours", cfg, False) if args.profile == "ours" else build_gpt2(cfg, False)
@@ -92,6 +93,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             compiled = mode == "compiled"
             arms = [build_ours("ours", cfg, compiled), build_gpt2(cfg, compiled)]
+            arms[0].model.loss_chunk_rows = args.ce_chunk
             r = measure(arms, xy, amp, args.steps, args.warmup)
             (ow, oc), (nw, nc) = r["ours"], r["nanogpt"]
             print(f"| {threads} | {mode} | {ow:,.0f} | {nw:,.0f} | {ow / nw:.2f}x | {oc:,.0f} | "
