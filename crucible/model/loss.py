@@ -25,12 +25,25 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-def default_chunk_rows(vocab_size: int) -> int:
+# On one CPU thread, vocabularies up to this size use CPU_SMALL_VOCAB_ROWS rows per chunk.
+CPU_SMALL_VOCAB = 32768
+CPU_SMALL_VOCAB_ROWS = 256
+
+
+def default_chunk_rows(vocab_size: int, device_type: str = "cuda", threads: int = 1) -> int:
     """About 2^28 logits (1 GiB in fp32) per chunk, in whole multiples of 256 rows.
 
     Few, large chunks matter: every chunk adds a [V, D] product into the fp32 weight gradient,
     and tile-aligned row counts keep the matmuls at full speed.
+
+    On one CPU thread with a small vocabulary the elementwise passes over each chunk's logits
+    (softmax, gradient) cost more than the matmuls, and they run about twice as fast when the
+    chunk (256 rows x V <= 32768) stays in cache, while the extra [V, D] additions are small.
+    With more threads the many small parallel regions lost on a busy 2-core machine, so they
+    keep the large chunks (docs/benchmarks.md, "CPU speedrun").
     """
+    if device_type == "cpu" and threads == 1 and vocab_size <= CPU_SMALL_VOCAB:
+        return CPU_SMALL_VOCAB_ROWS
     return max(256, min(16384, ((1 << 28) // vocab_size) // 256 * 256))
 
 
@@ -120,11 +133,13 @@ def linear_cross_entropy(
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    chunk = chunk_rows or default_chunk_rows(w.shape[0])
+    chunk = chunk_rows or default_chunk_rows(w.shape[0], w.device.type, torch.get_num_threads())
+    # Compiled code fuses the elementwise passes itself: the small CPU chunks are for eager mode.
+    one_chunk = h.shape[0] <= (chunk_rows or default_chunk_rows(w.shape[0]))
     n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
 
-    if needs_grad and reduction != "none" and h.shape[0] <= chunk and torch.compiler.is_compiling():
+    if needs_grad and reduction != "none" and one_chunk and torch.compiler.is_compiling():
         # Under torch.compile, with every row in one chunk: plain autograd keeps no more than a
         # chunk would, and the compiler fuses it with the model (the custom Function would not).
         # Eager mode keeps the Function: computing the gradient in the forward pass is faster.
