@@ -40,12 +40,13 @@ class StudentRollout(Callback):
     def __init__(self, cfg: RunConfig, prompter: ChatPrompter) -> None:
         assert cfg.distill is not None
         self.cfg, self.d, self.prompter = cfg, cfg.distill, prompter
-        self.on_policy_steps = 0
+        self.on_policy = False  # whether the current step's completions are the student's
 
     def on_batches(self, run: Any, step: int, batches: list[SFTBatch]) -> list[Batch]:
-        if not on_policy_step(self.d.lmbda, self.cfg.seed, step):
+        # `step` is 1-based here (the step being trained)
+        self.on_policy = on_policy_step(self.d.lmbda, self.cfg.seed, step)
+        if not self.on_policy:
             return batches
-        self.on_policy_steps += 1
         prompts = []
         for b in batches:
             for tokens, targets in zip(b.tokens, b.targets):
@@ -72,9 +73,6 @@ class StudentRollout(Callback):
                 targets[i, n_prompt - 1 : len(row) - 1] = torch.tensor(row[n_prompt:])
             out.append(Batch(tokens, targets, torch.zeros_like(tokens)))
         return out
-
-    def on_step_end(self, run: Any, result: Any) -> None:
-        result.extra["on_policy_share"] = self.on_policy_steps / max(result.step, 1)
 
 
 def check_same_tokenizer(student: Any, teacher: Any, where: str) -> None:
@@ -111,6 +109,7 @@ def run_distill(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> Tr
                        cfg.train.micro_batch_size, pad_id=data.pad_id, packing=False,
                        seed=cfg.seed)  # fmt: skip
     prompter = ChatPrompter.from_tokenizer(tok, d.template)
+    rollout = StudentRollout(cfg, prompter)
 
     def objective(run: Any, batch: Batch) -> Loss:
         student = run.model(batch.tokens).logits
@@ -118,7 +117,8 @@ def run_distill(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> Tr
             teacher_logits = teacher(batch.tokens).logits
         loss = generalized_jsd_loss(student, teacher_logits, batch.targets, beta=d.beta,
                                     temperature=d.temperature)  # fmt: skip
-        return Loss(loss, {"loss": loss.detach()})
+        flag = torch.tensor(float(rollout.on_policy), dtype=torch.float64)
+        return Loss(loss, {"loss": loss.detach(), "on_policy": flag})
 
     run = make_run(p, loader, objective)
-    return run_loop(run, resume, [StudentRollout(cfg, prompter)])
+    return run_loop(run, resume, [rollout])
