@@ -6,12 +6,12 @@ import json
 import shutil
 
 import pytest
+from rl_helpers import train_base, train_events, write_config
 
 from crucible.config import ConfigError, load_config
+from crucible.posttrain.conversations import write_jsonl as write_conversations
 from crucible.posttrain.distill_run import on_policy_step, run_distill
 from crucible.posttrain.synthetic import generate
-from crucible.posttrain.conversations import write_jsonl as write_conversations
-from rl_helpers import train_base, train_events, write_config
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from rl_helpers import cli, train_base
 
 from crucible.config import ConfigError
 from crucible.posttrain.grpo_run import synthetic_prompts
 from crucible.posttrain.pref_data import Sampled, build_pairs, build_preference_data
 from crucible.posttrain.preference import validate_pairs
-from rl_helpers import cli, train_base
 
 
 def _prompts(n: int):
