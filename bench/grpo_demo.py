@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from crucible.ablate.stats import paired_test, summarize
 from crucible.config import load_config
-from crucible.posttrain.conversations import write_jsonl
+from crucible.posttrain.conversations import Message, write_jsonl
 from crucible.posttrain.grpo_run import heldout_accuracy, run_grpo, synthetic_prompts
 from crucible.posttrain.loop import Prepared, make_run, run_loop
 from crucible.posttrain.rollout import ChatPrompter
@@ -58,15 +59,23 @@ def base(out: Path) -> Path:
     return run
 
 
+SYSTEM = "/system_override Be brief."  # the template's verbatim system prompt: short rows
+
+
 def sft(out: Path, base_dir: Path, steps: int) -> Path:
     run = out / "sft"
     if (run / "summary.json").exists():
         return run
     data_path = out / "sft_train.jsonl"
-    write_jsonl(generate("train", 4000, seed=0, tasks={"arithmetic": 1.0}), data_path)
+    convs = [
+        replace(c, messages=(Message("system", SYSTEM), *c.messages))
+        for c in generate("train", 6000, seed=0, tasks={"arithmetic": 1.0})
+        if c.meta["mode"] == "no_think"
+    ]
+    write_jsonl(convs, data_path)
     cfg = load_config(None, [f"out_dir={out}", "name=sft", f"train.steps={steps}",
-                             "train.global_batch_size=32", "train.micro_batch_size=32",
-                             "train.seq_len=160", "train.log_every=20", "train.tensorboard=false",
+                             "train.global_batch_size=16", "train.micro_batch_size=16",
+                             "train.seq_len=96", "train.log_every=20", "train.tensorboard=false",
                              "optim.lr=2e-3", "schedule.kind=cosine", "schedule.warmup_steps=20",
                              "schedule.min_lr=2e-4", "checkpoint.every=0",
                              "checkpoint.keep_last=1"])  # fmt: skip
@@ -95,19 +104,21 @@ def evaluate(run_dir: Path, n: int) -> tuple[float, float]:
     )
 
 
-def grpo(out: Path, sft_dir: Path, seed: int, penalty: bool, steps: int) -> Path:
+def grpo(out: Path, sft_dir: Path, seed: int, penalty: bool, args: argparse.Namespace) -> Path:
     name = f"grpo-{'penalty' if penalty else 'plain'}-s{seed}"
     if (out / name / "summary.json").exists():
         return out / name
     cfg = load_config(None, [
-        f"out_dir={out}", f"name={name}", f"seed={seed}", f"train.steps={steps}",
-        "train.global_batch_size=64", "train.micro_batch_size=32", "train.log_every=1",
-        "train.tensorboard=false", "optim.lr=5e-4", "optim.weight_decay=0",
+        f"out_dir={out}", f"name={name}", f"seed={seed}", f"train.steps={args.steps}",
+        f"train.global_batch_size={args.prompts_per_step * args.group}",
+        f"train.micro_batch_size={args.prompts_per_step * args.group}", "train.log_every=1",
+        "train.tensorboard=false", f"optim.lr={args.lr}", "optim.weight_decay=0",
         "schedule.kind=constant", "schedule.warmup_steps=0", "checkpoint.every=0",
         "spikes.policy=none", f"grpo.init_from={sft_dir}", "grpo.prompts=synthetic:arithmetic",
-        "grpo.num_prompts=2000", "grpo.group_size=8", "grpo.max_completion_length=32",
+        "grpo.num_prompts=2000", f"grpo.group_size={args.group}",
+        f"grpo.max_completion_length={args.max_len}", f"grpo.system_prompt={SYSTEM}",
         "grpo.loss_type=grpo", "grpo.scale_rewards=group", "grpo.epsilon_high=0.28",
-        f"grpo.overlong_penalty={str(penalty).lower()}", "grpo.overlong_cache=16",
+        f"grpo.overlong_penalty={str(penalty).lower()}", f"grpo.overlong_cache={args.max_len // 2}",
         "grpo.mask_truncated=false",
     ])  # fmt: skip
     run_grpo(cfg, quiet=True)
@@ -118,8 +129,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--prompts-per-step", type=int, default=2)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=24)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--sft-steps", type=int, default=200)
     ap.add_argument("--heldout", type=int, default=200)
     args = ap.parse_args()
     out: Path = args.out
@@ -137,7 +152,7 @@ def main() -> None:
     for penalty in (False, True):
         for seed in args.seeds:
             t = time.time()
-            r = grpo(out, s, seed, penalty, args.steps)
+            r = grpo(out, s, seed, penalty, args)
             after = evaluate(r, args.heldout)
             events = [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]
             curve = [{k: e.get(k) for k in ("step", "reward", "accuracy", "completion_length",
@@ -148,6 +163,7 @@ def main() -> None:
             console.print(f"{r.name}: held-out reward {after[0]:.3f}, length {after[1]:.1f} "
                           f"({time.time() - t:.0f} s)")  # fmt: skip
     results["grpo_seconds"] = time.time() - t1
+    results["args"] = {k: str(v) for k, v in vars(args).items()}
     for penalty in (False, True):
         arm = [v for v in results["runs"].values() if v["penalty"] == penalty]
         cmp = paired_test("heldout_reward", [before[0]] * len(arm), [v["reward"] for v in arm],

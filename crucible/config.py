@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -383,6 +383,9 @@ class GRPOConfig(_PosttrainBase):
         16, ge=0, description="Soft-penalty band: the last N tokens before max_completion_length."
     )
     enable_thinking: bool = Field(False, description="Render prompts in think mode.")
+    system_prompt: str | None = Field(
+        None, description="A system message put before every prompt that has none."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GRPOConfig:
@@ -526,6 +529,9 @@ def _known_fields(model: type[BaseModel], path: list[str]) -> list[str]:
     for part in path:
         field = model.model_fields.get(part)
         ann = getattr(field, "annotation", None) if field else None
+        # an optional section (`dpo: DPOConfig | None`): its model
+        ann = next((a for a in get_args(ann) if isinstance(a, type)
+                    and issubclass(a, BaseModel)), ann)  # fmt: skip
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann

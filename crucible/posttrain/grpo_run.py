@@ -92,6 +92,18 @@ def read_prompts(path: str, think: bool) -> list[Prompt]:
     return out
 
 
+def with_system(prompts: list[Prompt], system: str | None) -> list[Prompt]:
+    """`system` as the first message of every prompt that has no system message."""
+    if system is None:
+        return prompts
+    head = ({"role": "system", "content": system},)
+    return [
+        p if p.messages and p.messages[0].get("role") == "system"
+        else Prompt(head + p.messages, p.columns, p.template_kwargs, p.name)
+        for p in prompts
+    ]  # fmt: skip
+
+
 def load_prompts(g: GRPOConfig, seed: int) -> list[Prompt]:
     if not g.prompts:
         raise ConfigError("grpo.prompts: required ('synthetic:arithmetic' or a JSONL file)")
@@ -100,8 +112,10 @@ def load_prompts(g: GRPOConfig, seed: int) -> list[Prompt]:
         if task != "arithmetic":
             raise ConfigError(f"grpo.prompts: synthetic task {task!r}: only 'arithmetic' has "
                               "verifiable prompts")  # fmt: skip
-        return synthetic_prompts("train", g.num_prompts, seed, g.enable_thinking)
-    return read_prompts(g.prompts, g.enable_thinking)
+        prompts = synthetic_prompts("train", g.num_prompts, seed, g.enable_thinking)
+    else:
+        prompts = read_prompts(g.prompts, g.enable_thinking)
+    return with_system(prompts, g.system_prompt)
 
 
 @dataclass
@@ -262,9 +276,12 @@ def make_objective(g: GRPOConfig):  # type: ignore[no-untyped-def]
         loss = out.loss * run.grad_accum if g.loss_type == "dapo" else out.loss
         logged = {"loss": out.loss.detach() * (run.grad_accum if g.loss_type == "dapo" else 1)}
         logged.update({k: torch.tensor(v, dtype=torch.float64) for k, v in batch.stats.items()})
+        m = mask.to(logps.dtype)
+        n = m.sum().clamp(min=1)
+        logged["clip_ratio/low"] = (out.clipped_low.to(m.dtype) * m).sum() / n
+        logged["clip_ratio/high"] = (out.clipped_high.to(m.dtype) * m).sum() / n
         if out.per_token_kl is not None:
-            m = mask.to(out.per_token_kl.dtype)
-            logged["kl"] = (out.per_token_kl.detach() * m).sum() / m.sum().clamp(min=1)
+            logged["kl"] = (out.per_token_kl.detach() * m).sum() / n
         return Loss(loss, logged)
 
     return objective
