@@ -92,3 +92,20 @@ def test_a_raising_verifier_marks_the_sample_not_the_run(base, tmp_path, capsys)
     events = train_events(run_grpo(load_config(cfg)).run_dir)
     assert events[0]["reward_errors"] > 0  # averaged over micro-batches: some samples failed
     assert "verifier error" in capsys.readouterr().out
+
+
+def test_prompt_files_and_system_prompts(tmp_path):
+    from crucible.posttrain.grpo_run import read_prompts, with_system
+
+    good = write_jsonl(tmp_path / "good.jsonl", [
+        {"prompt": "Say 1", "answer": "1"},
+        {"prompt": [{"role": "system", "content": "Own."}, {"role": "user", "content": "Hi"}]},
+    ])  # fmt: skip
+    prompts = with_system(read_prompts(str(good), think=False), "Be brief.")
+    assert prompts[0].messages[0] == {"role": "system", "content": "Be brief."}
+    assert prompts[0].columns == {"answer": "1"}
+    assert prompts[1].messages[0]["content"] == "Own."  # an existing system message is kept
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"question": "no prompt"}\nnot json\n')
+    with pytest.raises(ConfigError, match=r"2 lines without a JSON `prompt` \(lines 2, 3\)"):
+        read_prompts(str(bad), think=False)
