@@ -4,10 +4,11 @@ and without DAPO's soft overlong penalty.
     python bench/grpo_demo.py OUT [--seeds 0 1 2] [--steps 40]
 
 1. base: a small model pretrained briefly on the stdlib corpus (its tokenizer has chat tokens);
-2. sft:  supervised fine-tuning on the synthetic chat generator's arithmetic (train split,
-         assistant-only loss) with the merged SFT data path and loss, on the post-training loop;
+2. sft:  supervised fine-tuning on small-number word problems (a + b, a - b with a, b < 20;
+         one expression in five held out), assistant-only loss, with the SFT data path and loss
+         on the post-training loop (no-think replies "The answer is N.");
 3. grpo: for each seed, `run_grpo` from the SFT model, plain and with the overlong penalty;
-4. held-out greedy reward (last_number verifier) on the test split before and after, paired by
+4. held-out greedy reward (last_number verifier) on the held-out expressions before and after, paired by
    seed (crucible.ablate.stats.paired_test), the completion-length curves in a plot, and
    everything raw in OUT/results.json.
 Each phase is skipped when its output exists (re-running continues).
@@ -17,22 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from crucible.ablate.stats import paired_test, summarize
 from crucible.config import load_config
-from crucible.posttrain.conversations import Message, write_jsonl
-from crucible.posttrain.grpo_run import heldout_accuracy, run_grpo, synthetic_prompts
+from crucible.data.corpora import split_of
+from crucible.posttrain.conversations import Conversation, Message, write_jsonl
+from crucible.posttrain.grpo_run import heldout_accuracy, read_prompts, run_grpo, with_system
 from crucible.posttrain.loop import Prepared, make_run, run_loop
 from crucible.posttrain.rollout import ChatPrompter
 from crucible.posttrain.sft_data import SFTLoader
 from crucible.posttrain.sft_loss import sft_loss
 from crucible.posttrain.sft_prepare import load_sft_data
-from crucible.posttrain.synthetic import generate
 from crucible.tokenizer.train import load_tokenizer
 from crucible.train.init_from import load_base
 from crucible.train.metrics import console
@@ -60,6 +61,37 @@ def base(out: Path) -> Path:
 
 
 SYSTEM = "/system_override Be brief."  # the template's verbatim system prompt: short rows
+NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo"]
+ITEMS = ["apples", "marbles", "books", "coins", "pencils", "shells", "cards"]
+
+
+def problems(split: str, max_n: int = 20) -> list[dict]:
+    """Word problems a + b and a - b (a >= b) with a, b < max_n; an expression is held out
+    (test) when its hash falls in the corpus's 20% validation bucket."""
+    out = []
+    for a in range(max_n):
+        for b in range(max_n):
+            for op in "+-":
+                if op == "-" and a < b:
+                    continue
+                key = f"{a} {op} {b}"
+                if (split_of(f"grpo-demo:{key}", 0.2) == "val") != (split == "test"):
+                    continue
+                rng = random.Random(key)
+                name, items = rng.choice(NAMES), rng.choice(ITEMS)
+                if op == "+":
+                    q = f"{name} has {a} {items} and gets {b} more. How many {items} now?"
+                else:
+                    q = f"{name} has {a} {items} and gives {b} away. How many {items} are left?"
+                out.append({"prompt": [{"role": "user", "content": q}],
+                            "answer": str(a + b if op == "+" else a - b)})  # fmt: skip
+    return out
+
+
+def conversation(p: dict) -> Conversation:
+    msgs = (Message("system", SYSTEM), Message("user", p["prompt"][0]["content"]),
+            Message("assistant", f"The answer is {p['answer']}."))  # fmt: skip
+    return Conversation(msgs, None, {"enable_thinking": False})
 
 
 def sft(out: Path, base_dir: Path, steps: int) -> Path:
@@ -67,12 +99,9 @@ def sft(out: Path, base_dir: Path, steps: int) -> Path:
     if (run / "summary.json").exists():
         return run
     data_path = out / "sft_train.jsonl"
-    convs = [
-        replace(c, messages=(Message("system", SYSTEM), *c.messages))
-        for c in generate("train", 6000, seed=0, tasks={"arithmetic": 1.0})
-        if c.meta["mode"] == "no_think"
-    ]
-    write_jsonl(convs, data_path)
+    train = problems("train")
+    rng = random.Random(0)
+    write_jsonl([conversation(rng.choice(train)) for _ in range(4000)], data_path)
     cfg = load_config(None, [f"out_dir={out}", "name=sft", f"train.steps={steps}",
                              "train.global_batch_size=16", "train.micro_batch_size=16",
                              "train.seq_len=96", "train.log_every=20", "train.tensorboard=false",
@@ -99,9 +128,17 @@ def evaluate(run_dir: Path, n: int) -> tuple[float, float]:
     b = load_base(run_dir)
     model = b.build().eval()
     prompter = ChatPrompter.from_tokenizer(load_tokenizer(b.tokenizer_path))
-    return heldout_accuracy(
-        model, prompter, synthetic_prompts("test", n, 0, False), max_new_tokens=32
-    )
+    path = run_dir.parent / "heldout.jsonl"
+    if not path.exists():
+        path.write_text("".join(json.dumps(p) + "\n" for p in problems("test")))
+    prompts = with_system(read_prompts(str(path), think=False), SYSTEM)[:n]
+    return heldout_accuracy(model, prompter, prompts, max_new_tokens=24)
+
+
+def train_prompts(out: Path) -> Path:
+    path = out / "grpo_prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems("train")))
+    return path
 
 
 def grpo(out: Path, sft_dir: Path, seed: int, penalty: bool, args: argparse.Namespace) -> Path:
@@ -114,8 +151,7 @@ def grpo(out: Path, sft_dir: Path, seed: int, penalty: bool, args: argparse.Name
         f"train.micro_batch_size={args.prompts_per_step * args.group}", "train.log_every=1",
         "train.tensorboard=false", f"optim.lr={args.lr}", "optim.weight_decay=0",
         "schedule.kind=constant", "schedule.warmup_steps=0", "checkpoint.every=0",
-        "spikes.policy=none", f"grpo.init_from={sft_dir}", "grpo.prompts=synthetic:arithmetic",
-        "grpo.num_prompts=2000", f"grpo.group_size={args.group}",
+        "spikes.policy=none", f"grpo.init_from={sft_dir}", f"grpo.prompts={train_prompts(out)}", f"grpo.group_size={args.group}",
         f"grpo.max_completion_length={args.max_len}", f"grpo.system_prompt={SYSTEM}",
         "grpo.loss_type=grpo", "grpo.scale_rewards=group", "grpo.epsilon_high=0.28",
         f"grpo.overlong_penalty={str(penalty).lower()}", f"grpo.overlong_cache={args.max_len // 2}",
