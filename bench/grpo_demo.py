@@ -61,14 +61,15 @@ def base(out: Path) -> Path:
 
 
 SYSTEM = "/system_override Be brief."  # the template's verbatim system prompt: short rows
+MAX_N = 20  # numbers below it; --max-n changes it
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo"]
 ITEMS = ["apples", "marbles", "books", "coins", "pencils", "shells", "cards"]
 
 
-def problems(split: str, max_n: int = 20) -> list[dict]:
+def problems(split: str, max_n: int | None = None) -> list[dict]:
     """Word problems a + b and a - b (a >= b) with a, b < max_n; an expression is held out
     (test) when its hash falls in the corpus's 20% validation bucket."""
-    out = []
+    out, max_n = [], max_n or MAX_N
     for a in range(max_n):
         for b in range(max_n):
             for op in "+-":
@@ -172,7 +173,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--sft-steps", type=int, default=200)
     ap.add_argument("--heldout", type=int, default=200)
+    ap.add_argument("--max-n", type=int, default=20, help="problems use numbers below this")
     args = ap.parse_args()
+    global MAX_N
+    MAX_N = args.max_n
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
