@@ -516,6 +516,105 @@ class EvalConfig(_Strict):
     )
 
 
+class _PosttrainBase(_Strict):
+    """What every post-training command shares: the model it starts from."""
+
+    init_from: str | None = Field(
+        None,
+        description="The model to start from: a Crucible run directory (its latest checkpoint), "
+        "a checkpoint directory (.../checkpoints/step_N) or a Hugging Face directory "
+        "(config.json + safetensors + tokenizer.json). The run's model config and tokenizer "
+        "are taken from it.",
+    )
+    template: str | None = Field(None, description="A Jinja chat template; default: built-in.")
+
+
+class DPOConfig(_PosttrainBase):
+    """`crucible dpo`: preference optimisation on chosen/rejected pairs (docs/post-training.md)."""
+
+    data: list[str] = Field(
+        default_factory=list,
+        description="JSONL files of {prompt, chosen, rejected} records (strings or message "
+        "lists), or {chosen, rejected} whole conversations.",
+    )
+    loss_type: Literal["sigmoid", "ipo", "apo_zero", "apo_down"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid only (cDPO).")
+    reference: Literal["cached", "on_the_fly"] = Field(
+        "cached",
+        description="cached: reference log-probs computed once before training and stored in "
+        "the run directory (reference_logps.safetensors); on_the_fly: a frozen copy of the "
+        "starting model scores every batch.",
+    )
+    max_pairs: int | None = Field(None, ge=1, description="Use at most this many pairs.")
+
+
+class GRPOConfig(_PosttrainBase):
+    """`crucible grpo`: RL with verifiable rewards, the GRPO family (docs/post-training.md)."""
+
+    prompts: str | None = Field(
+        None,
+        description="Where prompts come from: 'synthetic:arithmetic' (the chat generator's "
+        "verifiable arithmetic, train split) or a JSONL file of {prompt, answer, ...} records "
+        "(prompt: a string or a message list; other columns go to the verifiers).",
+    )
+    num_prompts: int = Field(512, ge=1, description="synthetic: how many prompts to draw.")
+    group_size: int = Field(4, ge=2, description="Completions per prompt (G).")
+    max_completion_length: int = Field(48, ge=1, description="New tokens per completion.")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    scale_rewards: Literal["none", "group", "batch"] = "group"
+    epsilon: float = Field(0.2, ge=0, lt=1)
+    epsilon_high: float | None = Field(None, ge=0, description="DAPO clip-higher; default epsilon.")
+    beta: float = Field(0.0, ge=0, description="Weight of the k3 KL term against the reference.")
+    mask_truncated: bool = Field(
+        True, description="Leave completions that hit max_completion_length out of the loss."
+    )
+    verifiers: list[str] = Field(
+        default_factory=lambda: ["last_number"],
+        description="Reward functions: last_number, boxed, exact, regex, format, code.",
+    )
+    reward_weights: list[float] | None = None
+    overlong_penalty: bool = Field(False, description="Add DAPO's soft overlong penalty.")
+    overlong_cache: int = Field(
+        16, ge=0, description="Soft-penalty band: the last N tokens before max_completion_length."
+    )
+    enable_thinking: bool = Field(False, description="Render prompts in think mode.")
+    system_prompt: str | None = Field(
+        None, description="A system message put before every prompt that has none."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GRPOConfig:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.verifiers):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values for "
+                f"{len(self.verifiers)} verifiers"
+            )
+        if self.overlong_penalty and self.overlong_cache > self.max_completion_length:
+            raise ValueError(
+                f"overlong_cache {self.overlong_cache} exceeds max_completion_length "
+                f"{self.max_completion_length}"
+            )
+        return self
+
+
+class DistillConfig(_PosttrainBase):
+    """`crucible distill`: on-policy distillation (GKD) from a teacher of the same tokenizer."""
+
+    teacher: str | None = Field(
+        None, description="Teacher: a Crucible run or checkpoint directory, or an HF directory."
+    )
+    data: list[str] = Field(
+        default_factory=list, description="Chat conversations (JSONL, `messages` format)."
+    )
+    beta: float = Field(0.5, ge=0, le=1, description="0: forward KL, 1: reverse KL, else JSD.")
+    lmbda: float = Field(0.5, ge=0, le=1, description="Share of student-generated batches.")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(48, ge=1, description="Student completion length (on-policy).")
+
+
 class RunConfig(_Strict):
     name: str = "run"
     out_dir: str = Field("runs", description="Parent directory of run directories.")
@@ -533,6 +632,9 @@ class RunConfig(_Strict):
     faults: list[FaultConfig] = Field(
         default_factory=list, description="Faults injected on purpose (testing the guards)."
     )
+    dpo: DPOConfig | None = Field(None, description="Preference optimisation (crucible dpo).")
+    grpo: GRPOConfig | None = Field(None, description="RL with verifiable rewards (crucible grpo).")
+    distill: DistillConfig | None = Field(None, description="On-policy distillation.")
 
     @model_validator(mode="after")
     def _check_run(self) -> RunConfig:
@@ -641,7 +743,7 @@ def _known_fields(model: type[BaseModel], path: list[str]) -> list[str]:
     for part in path:
         field = model.model_fields.get(part)
         ann = getattr(field, "annotation", None) if field else None
-        # `X | None` sections (model.moe): look inside the union for the model class.
+        # `X | None` sections (model.moe, dpo, ...): look inside the union for the model class.
         ann = next((a for a in get_args(ann) if isinstance(a, type)), ann) if get_args(ann) else ann
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []

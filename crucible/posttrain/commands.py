@@ -95,8 +95,10 @@ def _cmd_chat_inspect(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from crucible.posttrain.merge_commands import register as register_merge
+    from crucible.posttrain.rl_commands import register as register_rl
 
     register_merge(sub)
+    register_rl(sub)
     p = sub.add_parser(
         "chat-data",
         help="write the offline synthetic chat data set (train/test JSONL)",
