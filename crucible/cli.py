@@ -340,6 +340,7 @@ EXAMPLES = {
     "data process": "crucible data process pipeline.yaml",
     "data tokenize": "crucible data tokenize processed --tokenizer tok/tokenizer.json --out shards",
     "data mixture": "crucible data mixture mixture.yaml --max-epochs 4",
+    "data inspect": "crucible data inspect shards/train --tokenizer tok/tokenizer.json",
     "eval": "crucible eval runs/quickstart --tasks early,arc_easy=data/arc_easy.jsonl",
     "plan hardware": "crucible plan hardware h100 --json -",
     "plan roofline": "crucible plan roofline smollm3-3b --gpu h100 --peak-tflops 720",
@@ -359,6 +360,10 @@ EXAMPLES = {
     "chat-data": "crucible chat-data data/chat --train 5000 --test 500",
     "chat-inspect": "crucible chat-inspect data/chat --tokenizer tok/tokenizer.json --show 0",
     "preflight": "crucible preflight smollm3-3b --full",
+    "dpo": "crucible dpo apo.yaml dpo.init_from=runs/sft dpo.beta=0.1",
+    "grpo": "crucible grpo rl.yaml grpo.init_from=runs/sft --resume",
+    "distill": "crucible distill gkd.yaml distill.init_from=runs/student",
+    "pref-data": "crucible pref-data pairs.jsonl --chosen-from runs/big --rejected-from runs/small",
     "completion": "crucible completion bash > ~/.local/share/bash-completion/completions/crucible",
 }
 

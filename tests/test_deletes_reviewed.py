@@ -11,6 +11,9 @@ DELETES = re.compile(r"rmtree\(|\.unlink\(|os\.remove\(")
 REVIEWED = {
     "ablate/runner.py": "--fresh removes the suite's own runs/ and jobs/ under its output folder",
     "argtypes.py": "removed_on_failure: only a path that did not exist before the command",
+    "data/datatrove_run.py": "its own work_dir (fingerprint file checked; foreign ones refused) "
+    "and stale .jsonl in a previous pipeline output",
+    "data/workers.py": "its own OUTPUT/.parts task files and temporaries",
     "data/pipeline.py": "stale .jsonl only in a previous pipeline output (stats.json checked)",
     "data/prepare.py": "its own temporary build folder, or an incomplete build in its cache",
     "data/shards.py": "its own temporary files; old shards of the same prefix only with overwrite",
