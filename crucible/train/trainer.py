@@ -42,6 +42,7 @@ from crucible.train.distributed import barrier, init_distributed, wrap_model
 from crucible.train.metrics import MetricsLogger, console, peak_flops
 from crucible.train.optim import build_optimizer
 from crucible.train.setup import (
+    TrainInputs,
     autocast_dtype,
     check_output_dir,
     check_resume,
@@ -71,9 +72,13 @@ def train(
     resume: bool = False,
     quiet: bool = False,
     callbacks: Sequence[Callback] = (),
+    inputs: TrainInputs | None = None,
 ) -> TrainResult:
-    """Train `cfg` (continuing its run directory with `resume`); `callbacks` run after ours."""
-    run = setup(cfg, resume, quiet)
+    """Train `cfg` (continuing its run directory with `resume`); `callbacks` run after ours.
+
+    `inputs` replaces the pretraining data and objective (SFT uses it); None: pretraining.
+    """
+    run = setup(cfg, resume, quiet, inputs)
     # Order matters: faults act first; the guard decides before logging and saving; a rollback
     # (spike guard, on_step_end) comes after the step's own logging and before a signal stop.
     run.callbacks = [
@@ -113,7 +118,7 @@ def train(
     return finish(run)
 
 
-def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
+def setup(cfg: RunConfig, resume: bool, quiet: bool, inputs: TrainInputs | None = None) -> Run:
     device = resolve_device(cfg.train.device)
     info = init_distributed(cfg.distributed, device.type)
     if device.type == "cuda":
@@ -147,13 +152,18 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
                 f"step {end_step}: nothing to train"
             )
     barrier()
-    if info.is_main:
-        data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len)
-    barrier()
-    if not info.is_main:
-        data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len)
-    # prepare_data has checked the shards against the tokenizer and the tokenizer against the model
-    tokenizer = load_tokenizer(data.tokenizer_path)
+    if inputs is None:
+        if info.is_main:
+            data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len)
+        barrier()
+        if not info.is_main:
+            data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len)
+        # prepare_data has checked the shards against the tokenizer and the tokenizer against
+        # the model
+        tokenizer_path = data.tokenizer_path
+    else:
+        tokenizer_path = inputs.tokenizer_path
+    tokenizer = load_tokenizer(tokenizer_path)
     token_bytes = torch.from_numpy(token_byte_lengths(tokenizer)).long()
     if token_bytes.numel() < cfg.model.vocab_size:  # pad rows the tokenizer never produces
         token_bytes = torch.cat(
@@ -163,20 +173,29 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
 
     # ---- the run directory
     if info.is_main:
-        write_run_files(cfg, run_dir, data.tokenizer_path)
+        write_run_files(cfg, run_dir, tokenizer_path)
+        if inputs is not None and inputs.write_files is not None:
+            inputs.write_files(run_dir)
     barrier()
 
     # ---- model, wrapper, optimizer, loader
     torch.manual_seed(cfg.seed)
     with torch.device(device):  # initialise in place: no full-size CPU copy of a large model
         model = Transformer(cfg.model)
+    if inputs is not None and inputs.init_model is not None:
+        inputs.init_model(model)  # e.g. the base model of an SFT run
     if cfg.train.compile:
         compile_model(model, per_block=info.enabled and cfg.distributed.strategy == "fsdp")
     model = wrap_model(model, info, cfg.distributed, device)
-    val_batches = eval_batches(
-        ShardSet(data.val_dir), cfg.train.seq_len, micro, cfg.train.val_batches, info.rank,
-        world, eos_id=eos,
-    )  # fmt: skip
+    if inputs is None:
+        val_batches = eval_batches(
+            ShardSet(data.val_dir), cfg.train.seq_len, micro, cfg.train.val_batches, info.rank,
+            world, eos_id=eos,
+        )  # fmt: skip
+        loader = make_loader(cfg, data, info.rank, world, eos)
+    else:
+        val_batches = inputs.val_batches(info.rank, world)
+        loader = inputs.make_loader(info.rank, world)
     run = Run(
         cfg=cfg,
         info=info,
@@ -184,7 +203,7 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
         amp=autocast_dtype(cfg.train.dtype, device),
         model=model,
         optimizer=build_optimizer(model, cfg.optim, device),
-        loader=make_loader(cfg, data, info.rank, world, eos),
+        loader=loader,
         run_dir=run_dir,
         grad_accum=cfg.train.global_batch_size // (micro * world),
         end_step=end_step,
@@ -197,6 +216,7 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
     )
     run.callbacks = [ValidationCallback(val_batches, token_bytes)]
     run.tokenizer = tokenizer
+    run.objective = inputs.objective if inputs is not None else None
     return run
 
 
