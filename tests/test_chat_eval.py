@@ -66,9 +66,13 @@ def tokenizer(small_data):
 
 def _first(task: str, mode: str | None = None, style: str | None = None) -> Conversation:
     for c in generate("test", 200, seed=3):
-        if c.meta["task"] == task and mode in (None, c.meta["mode"]):
-            if style in (None, c.meta.get("tool_style")):
-                return c
+        meta = c.meta
+        if (
+            meta["task"] == task
+            and mode in (None, meta["mode"])
+            and style in (None, meta.get("tool_style"))
+        ):
+            return c
     raise AssertionError(task)
 
 
