@@ -67,9 +67,13 @@ def _fresh_run_dir(run_dir: Path) -> None:
 
 
 def quickstart(
-    overrides: list[str] | None = None, out_dir: str = "runs", chat: bool = False
+    overrides: list[str] | None = None,
+    out_dir: str = "runs",
+    chat: bool = False,
+    chat_overrides: list[str] | None = None,
 ) -> Path:
-    """The main job; with `chat`, then SFT of the result and a short chat demo."""
+    """The main job; with `chat`, then SFT of the result (preset sft-tiny plus
+    `chat_overrides`) and a short chat demo."""
     t0 = time.perf_counter()
     run_dir = _quickstart_base(overrides, out_dir, chat)
     if chat:
@@ -78,7 +82,7 @@ def quickstart(
         console.rule("[bold]7. chat: SFT on the synthetic chat data, then a short demo")
         chat_dir = Path(out_dir) / "quickstart-chat"
         _fresh_run_dir(chat_dir)
-        quickstart_chat(run_dir, chat_dir)
+        quickstart_chat(run_dir, chat_dir, chat_overrides)
         console.print(
             f"base + SFT + demo in {format_duration(time.perf_counter() - t0)}\n"
             f"next: crucible chat {chat_dir}   (or crucible serve {chat_dir})"

@@ -274,3 +274,27 @@ def test_two_rank_ddp_matches_one_process(tmp_path, base_run, chat_files):
     b = load_file(str(tmp_path / "runs/two/checkpoints/step_000002/model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_quickstart_chat_runs_base_sft_and_demo(tmp_path, data_cache, capsys):
+    from crucible.quickstart import quickstart
+
+    base = ["train.steps=4", "train.val_every=0", "checkpoint.every=0", "eval.every=0",
+            "data.max_corpus_mb=1", f"data.cache_dir={data_cache}", "train.tensorboard=false",
+            "model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128",
+            "model.num_heads=2", "model.num_kv_heads=2"]  # fmt: skip
+    sft = ["train.steps=2", "train.val_every=0", "sft.synthetic_train=24",
+           "sft.synthetic_val=4", "train.tensorboard=false"]  # fmt: skip
+    chat_dir = quickstart(base, out_dir=str(tmp_path), chat=True, chat_overrides=sft)
+    assert chat_dir == tmp_path / "quickstart-chat"
+    assert (chat_dir / "chat_template.jinja").is_file() and (chat_dir / "summary.json").is_file()
+    out = capsys.readouterr().out
+    assert "chat demo" in out and out.count("user") >= 4
+    # a rerun replaces both demo runs; a directory the quickstart did not make is refused
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "x").write_text("x")
+    with pytest.raises(ConfigError, match="not made by the quickstart"):
+        from crucible.quickstart import _check_replaceable
+
+        _check_replaceable(tmp_path / "mine")
