@@ -28,6 +28,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _warn(cfg, "train")
+    if cfg.sft is not None:
+        raise ConfigError(
+            f"{args.config}: has an `sft:` section; fine-tune with `crucible sft {args.config}`"
+        )
     if args.supervise:
         from crucible.train.supervisor import supervise
 
@@ -67,7 +71,7 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from crucible.quickstart import quickstart
 
-    quickstart(args.overrides, out_dir=args.out_dir)
+    quickstart(args.overrides, out_dir=args.out_dir, chat=args.chat)
     return 0
 
 
@@ -245,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--out-dir", default="runs", help="parent of the run directory")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="then fine-tune the base into a chat model (SFT, preset sft-tiny, on the synthetic "
+        "chat data) in OUT_DIR/quickstart-chat and print a short chat demo",
+    )
     p.set_defaults(func=_cmd_quickstart)
 
     p = sub.add_parser(

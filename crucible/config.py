@@ -615,6 +615,62 @@ class DistillConfig(_PosttrainBase):
     max_new_tokens: int = Field(48, ge=1, description="Student completion length (on-policy).")
 
 
+class SFTConfig(_Strict):
+    """Supervised fine-tuning on conversations (`crucible sft`, docs/post-training.md, SFT)."""
+
+    base: str | None = Field(
+        None,
+        description="The model to fine-tune: a run directory (its latest checkpoint), a "
+        "checkpoint directory (.../checkpoints/step_N), or a Hugging Face directory "
+        "(config.json + safetensors + tokenizer.json). Null: a fresh model (needs data.tokenizer).",
+    )
+    train_data: list[str] = Field(
+        default_factory=list,
+        description="Conversation files (JSONL `messages` format) or local HF dataset "
+        "directories; empty: the built-in synthetic chat data (`crucible chat-data`).",
+    )
+    val_data: list[str] = Field(
+        default_factory=list,
+        description="Held-out conversations for the validation loss; empty: the synthetic test "
+        "split when train_data is empty, else no validation.",
+    )
+    split: str = Field("train", description="Split of HF dataset directories.")
+    synthetic_train: int = Field(
+        4000, ge=1, description="Synthetic training conversations when train_data is empty."
+    )
+    synthetic_val: int = Field(
+        200, ge=1, description="Synthetic held-out conversations when val_data is empty."
+    )
+    synthetic_seed: int = 0
+    synthetic_tasks: dict[str, float] | None = Field(
+        None, description="Synthetic task weights (default: the generator's mixture)."
+    )
+    loss: Literal["assistant", "completion"] = Field(
+        "assistant",
+        description="assistant: loss on every assistant turn (the {% generation %} spans); "
+        "completion: only on the last assistant turn.",
+    )
+    packing: Literal["bfd", "none"] = Field(
+        "bfd",
+        description="bfd: best-fit-decreasing packing into rows of train.seq_len with document "
+        "masking (needs model.doc_masking=true); none: one conversation per row, padded.",
+    )
+    truncation: Literal["drop", "keep_start", "error"] = Field(
+        "drop",
+        description="A conversation longer than train.seq_len + 1 tokens is dropped, cut "
+        "(keep_start) or an error; each case is counted and reported.",
+    )
+    template: str | None = Field(
+        None, description="A Jinja chat template file; null: the built-in hybrid template."
+    )
+    template_kwargs: dict[str, Any] = Field(
+        default_factory=lambda: {"today_date": "01 January 2026"},
+        description="Template variables under each record's own chat_template_kwargs. Pin "
+        "today_date: otherwise records render the current date and a resume on another day "
+        "would see other tokens.",
+    )
+
+
 class RunConfig(_Strict):
     name: str = "run"
     out_dir: str = Field("runs", description="Parent directory of run directories.")
@@ -635,6 +691,9 @@ class RunConfig(_Strict):
     dpo: DPOConfig | None = Field(None, description="Preference optimisation (crucible dpo).")
     grpo: GRPOConfig | None = Field(None, description="RL with verifiable rewards (crucible grpo).")
     distill: DistillConfig | None = Field(None, description="On-policy distillation.")
+    sft: SFTConfig | None = Field(
+        None, description="Supervised fine-tuning on conversations (`crucible sft`)."
+    )
 
     @model_validator(mode="after")
     def _check_run(self) -> RunConfig:
@@ -745,6 +804,8 @@ def _known_fields(model: type[BaseModel], path: list[str]) -> list[str]:
         ann = getattr(field, "annotation", None) if field else None
         # `X | None` sections (model.moe, dpo, ...): look inside the union for the model class.
         ann = next((a for a in get_args(ann) if isinstance(a, type)), ann) if get_args(ann) else ann
+        # `X | None` sections: their model
+        ann = next((a for a in get_args(ann) if isinstance(a, type)), ann) if ann else ann
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann

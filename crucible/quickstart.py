@@ -45,12 +45,17 @@ def check_hf_export(ours: torch.nn.Module, hf_dir: Path) -> float:
         return float((ours(ids).logits - theirs(ids).logits).abs().max())
 
 
-def quickstart(overrides: list[str] | None = None, out_dir: str = "runs") -> Path:
-    t0 = time.perf_counter()
-    # In-loop evaluation on the built-in early-signal tasks at each validation step.
-    base = ["name=quickstart", f"out_dir={out_dir}", "eval.every=100"]
-    cfg = load_config("tiny", [*base, *(overrides or [])])
-    run_dir = cfg.run_dir
+def _check_replaceable(run_dir: Path) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / MARKER).is_file():
+        raise ConfigError(
+            f"{run_dir} exists and was not made by the quickstart: choose another --out-dir "
+            "(nothing was deleted)"
+        )
+
+
+def _fresh_run_dir(run_dir: Path) -> Path | None:
+    """An empty, marked run directory; a previous quickstart run is moved aside (returned) so
+    that a rerun that fails can put it back (`_restore`)."""
     if run_dir.exists() and any(run_dir.iterdir()):
         # The quickstart run is a demo, started afresh each time, but only a directory the
         # quickstart made itself (it leaves a marker) is ever deleted.
@@ -66,16 +71,66 @@ def quickstart(overrides: list[str] | None = None, out_dir: str = "runs") -> Pat
         previous = None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / MARKER).write_text("made by crucible quickstart; rerunning it replaces this run\n")
+    return previous
+
+
+def _restore(run_dir: Path, previous: Path | None, failed: bool) -> None:
+    """After a rerun: drop the previous run if it succeeded, put it back if it failed."""
+    if previous is None:
+        return
+    if failed:
+        shutil.rmtree(run_dir, ignore_errors=True)  # the failed rerun, made just now
+        previous.rename(run_dir)
+    else:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def quickstart(
+    overrides: list[str] | None = None,
+    out_dir: str = "runs",
+    chat: bool = False,
+    chat_overrides: list[str] | None = None,
+) -> Path:
+    """The main job; with `chat`, then SFT of the result (preset sft-tiny plus
+    `chat_overrides`) and a short chat demo."""
+    t0 = time.perf_counter()
+    run_dir = _quickstart_base(overrides, out_dir, chat)
+    if chat:
+        from crucible.posttrain.quickstart_chat import quickstart_chat
+
+        console.rule("[bold]7. chat: SFT on the synthetic chat data, then a short demo")
+        chat_dir = Path(out_dir) / "quickstart-chat"
+        previous = _fresh_run_dir(chat_dir)
+        try:
+            quickstart_chat(run_dir, chat_dir, chat_overrides)
+        except BaseException:
+            _restore(chat_dir, previous, failed=True)
+            raise
+        _restore(chat_dir, previous, failed=False)
+        console.print(
+            f"base + SFT + demo in {format_duration(time.perf_counter() - t0)}\n"
+            f"next: crucible chat {chat_dir}   (or crucible serve {chat_dir})"
+        )
+        return chat_dir
+    return run_dir
+
+
+def _quickstart_base(overrides: list[str] | None, out_dir: str, chat: bool) -> Path:
+    t0 = time.perf_counter()
+    # In-loop evaluation on the built-in early-signal tasks at each validation step.
+    base = ["name=quickstart", f"out_dir={out_dir}", "eval.every=100"]
+    cfg = load_config("tiny", [*base, *(overrides or [])])
+    run_dir = cfg.run_dir
+    if chat:  # fail before the base trains, not after
+        _check_replaceable(Path(out_dir) / "quickstart-chat")
+    previous = _fresh_run_dir(run_dir)
     console.rule("[bold]1-4. tokenizer, shards, pretraining, validation")
     try:
         result = run_pretraining(cfg)
     except BaseException:
-        if previous is not None:
-            shutil.rmtree(run_dir, ignore_errors=True)  # the failed rerun, made just now
-            previous.rename(run_dir)
+        _restore(run_dir, previous, failed=True)
         raise
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
+    _restore(run_dir, previous, failed=False)
     console.rule("[bold]5. samples (KV-cache generation)")
     model, _, _ = load_run_model(run_dir)  # the final checkpoint, read back as a user would
     samples = sample_texts(model, load_tokenizer(result.tokenizer_path))
@@ -102,6 +157,6 @@ def quickstart(overrides: list[str] | None = None, out_dir: str = "runs") -> Pat
         f"  loss curve      {plot}\n"
         f"  report          {md} , {html}\n"
         f"  HF export       {hf_dir}\n"
-        f"next: crucible generate {run_dir} --prompt 'def '"
+        + ("" if chat else f"next: crucible generate {run_dir} --prompt 'def '")
     )
     return run_dir

@@ -23,6 +23,7 @@ from pathlib import Path
 from rich.console import Console
 
 from crucible.config import DataConfig
+from crucible.data.chat_source import CHAT_PREFIX, build_chat_shards
 from crucible.data.corpora import iter_stdlib_documents
 from crucible.data.shards import ShardSet, write_shards
 from crucible.tokenizer.train import (
@@ -183,6 +184,9 @@ def prepare_data(
     data_cfg: DataConfig, vocab_size: int, seq_len: int, quiet: bool = False
 ) -> PreparedData:
     """Tokenizer and train/val shard locations for `data_cfg`, building the corpus if needed."""
+    chat = {k: v for k, v in data_cfg.sources.items() if v.startswith(CHAT_PREFIX)}
+    if chat:
+        return _chat_mixture(data_cfg, chat, vocab_size, seq_len, quiet)
     embedded = {k: v for k, v in data_cfg.sources.items() if v.startswith(STDLIB_PREFIX)}
     if embedded:
         return _embedded_mixture(data_cfg, embedded, vocab_size, seq_len, quiet)
@@ -265,3 +269,33 @@ def _embedded_mixture(
         }
     )
     return _given_data(given, vocab_size, seq_len)
+
+
+def _chat_mixture(
+    cfg: DataConfig, chat: dict[str, str], vocab_size: int, seq_len: int, quiet: bool
+) -> PreparedData:
+    """A mixture naming `chat:PATH` sources (mid-training): render and tokenize each file into
+    cached shards with the mixture's tokenizer (data.tokenizer, else the embedded corpus's), then
+    prepare the mixture with those shard directories in their place."""
+    console = Console(stderr=True, quiet=quiet)
+    tokenizer = cfg.tokenizer
+    if tokenizer is None:
+        built = prepare_data(
+            cfg.model_copy(update={"sources": {}, "stages": [], "corpus": "stdlib"}),
+            vocab_size, seq_len, quiet,
+        )  # fmt: skip
+        tokenizer = str(built.tokenizer_path)
+    resolved = dict(cfg.sources)
+    for name, spec in chat.items():
+        try:
+            resolved[name] = str(
+                build_chat_shards(spec, tokenizer, cfg.cache_dir, say=console.print)
+            )
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"data.sources.{name}: {e}") from None
+    embedded = any(v.startswith(STDLIB_PREFIX) for v in resolved.values())
+    # With embedded sources the tokenizer stays unset, so the corpus cache key is unchanged.
+    update: dict = {"sources": resolved}
+    if not embedded:
+        update["tokenizer"] = tokenizer
+    return prepare_data(cfg.model_copy(update=update), vocab_size, seq_len, quiet)

@@ -217,7 +217,13 @@ def write_shards(
             n_docs += n
             progress.update(task, advance=n, tokens=_human(n_tokens))
     writer.finish()
+    return _write_meta(out, tokenizer_path, vocab_size, eos, dtype, n_tokens, n_docs, writer)
 
+
+def _write_meta(
+    out: Path, tokenizer_path: str, vocab_size: int, eos: int, dtype: np.dtype, n_tokens: int,
+    n_docs: int, writer: _ShardWriter,
+) -> dict[str, Any]:  # fmt: skip
     meta = {
         "format": "datatrove-ds",
         "version": FORMAT_VERSION,
@@ -233,6 +239,35 @@ def write_shards(
     }
     _write_atomic(out / DATASET_JSON, (json.dumps(meta, indent=2) + "\n").encode())
     return meta
+
+
+def write_id_shards(
+    docs: Iterable[np.ndarray],
+    tokenizer_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    prefix: str = "shard",
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+) -> dict[str, Any]:
+    """Shards of documents already tokenized (each array ends with its own EOS), in the layout
+    of `write_shards`. For documents whose special tokens are placed by the caller (chat)."""
+    tokenizer_path = str(tokenizer_path)
+    tok, eos = _prepare_tokenizer(tokenizer_path)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = token_dtype(vocab_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(out, prefix, dtype, shard_tokens, Path(tokenizer_path).name)
+    n_docs = n_tokens = 0
+    for ids in docs:
+        if len(ids) == 0:
+            continue
+        if int(ids.max()) >= vocab_size or int(ids.min()) < 0:
+            raise ValueError(f"document {n_docs} has token ids outside the vocabulary")
+        writer.add(ids)
+        n_docs += 1
+        n_tokens += len(ids)
+    writer.finish()
+    return _write_meta(out, tokenizer_path, vocab_size, eos, dtype, n_tokens, n_docs, writer)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -93,12 +93,114 @@ def _cmd_chat_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from crucible.posttrain.sft_run import load_sft_config, run_sft
+    from crucible.train.distributed import finish, launched_by_torchrun
+
+    cfg = load_sft_config(args.config, args.overrides)
+    run_sft(cfg, resume=args.resume)
+    if launched_by_torchrun():
+        finish(0)
+    return 0
+
+
+def _cmd_eval_chat(args: argparse.Namespace) -> int:
+    import platform
+
+    from crucible.posttrain.chat_eval import (
+        ChatModel,
+        evaluate_chat,
+        format_metrics,
+        load_eval_conversations,
+        write_results,
+    )
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    if args.data:
+        convs = load_eval_conversations(args.data, args.limit)
+        source = args.data
+    else:
+        from crucible.posttrain.synthetic import generate
+
+        convs = generate("test", args.limit or 200, seed=args.seed)
+        source = f"synthetic test split, seed {args.seed}"
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    chat = ChatModel.from_run(run_dir, args.checkpoint)
+    kwargs = {"today_date": args.today_date}
+    result = evaluate_chat(chat, convs, args.max_new_tokens, template_kwargs=kwargs)
+    m = result.metrics()
+    print(f"eval-chat {run_dir} on {source} ({len(result.replies)} conversations, greedy):")
+    print(format_metrics(m))
+    if args.out:
+        info = {"run_dir": str(run_dir), "data": source, "max_new_tokens": args.max_new_tokens,
+                "python": platform.python_version()}  # fmt: skip
+        write_results(args.out, result, info)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from crucible.posttrain.merge_commands import register as register_merge
     from crucible.posttrain.rl_commands import register as register_rl
 
     register_merge(sub)
     register_rl(sub)
+    p = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning of a base model on conversations (chat template, packing)",
+        description="Fine-tune sft.base (a run directory, a checkpoint or a Hugging Face "
+        "directory) on conversations (sft.train_data; default: the built-in synthetic chat "
+        "data) with the chat template, loss on assistant turns (or the last completion), "
+        "best-fit-decreasing packing with document masking, and explicit truncation. It runs on "
+        "the training loop: checkpoints, metrics, validation (loss on sft.val_data), spike "
+        "guard, --resume and torchrun (DDP/FSDP) work as for `crucible train`. The run "
+        "directory gets chat_template.jinja. See docs/post-training.md, SFT.",
+    )
+    p.add_argument("config", help="a YAML run config with an `sft:` section")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. sft.base=runs/quickstart train.steps=200",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run from its latest intact checkpoint"
+    )
+    p.set_defaults(func=_cmd_sft)
+    p = sub.add_parser(
+        "eval-chat",
+        help="measure a chat model on held-out conversations (format, modes, task accuracy)",
+        description="Generate one assistant turn (greedy) for each held-out conversation's "
+        "first prompt and report: replies ending with the end-of-turn token, mode following "
+        "(a closed, non-empty <think> block in think mode, none in no-think mode), and on the "
+        "synthetic tasks arithmetic accuracy, calculator tool calls (the call, then the answer "
+        "after the tool's result) and name-the-function accuracy. Works on base models too "
+        "(the built-in template is used when the run has none).",
+    )
+    p.add_argument("run_dir", help="a run directory (latest checkpoint unless --checkpoint)")
+    p.add_argument("--data", default=None, help="conversations JSONL (default: synthetic test)")
+    p.add_argument("--limit", type=int, default=None, help="first N conversations (default: all;"
+                   " 200 synthetic ones without --data)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic test split")
+    p.add_argument("--checkpoint", default=None, help="step_N directory (default: latest)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument(
+        "--today-date",
+        default="01 January 2026",
+        help="today_date of records that set none (fixed: results are reproducible)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="write metrics and every reply to this JSON file")
+    p.set_defaults(func=_cmd_eval_chat)
+
     p = sub.add_parser(
         "chat-data",
         help="write the offline synthetic chat data set (train/test JSONL)",

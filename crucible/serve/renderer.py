@@ -2,9 +2,9 @@
 
 Everything in `crucible.serve` reaches the chat format only through the `ChatRenderer` protocol,
 and `renderer_for_run` is the one place that picks an implementation. The built-in
-`ChatMLRenderer` is a small fallback; a full chat template (think/no-think system flags, metadata,
-tools) plugs in by implementing the same three members and being returned from
-`renderer_for_run`.
+`ChatMLRenderer` is the fallback for runs without a template; a run that ships
+``chat_template.jinja`` (every SFT run does) gets a `TemplateRenderer`, which renders with that
+template through the post-training `ChatEncoder` (think/no-think system flags, metadata block).
 
 Messages are plain dicts in the OpenAI / transformers shape: ``{"role": ..., "content": ...}``,
 optionally with ``"reasoning_content"`` on assistant turns.
@@ -134,10 +134,60 @@ class ChatMLRenderer:
         return Reply("", text.strip())
 
 
+class TemplateRenderer(ChatMLRenderer):
+    """A run's own Jinja chat template, rendered exactly as training rendered it.
+
+    Prompt ids are `ChatEncoder.encode(conversation, add_generation_prompt=True,
+    enable_thinking=...)`: the same ids an SFT run trained on, up to the assistant turn. The
+    template text is tokenized as a whole (special tokens included), so a message that contains
+    a special token is refused (ValueError) rather than allowed to forge a turn boundary.
+    Replies are parsed as the ChatML renderer parses them (a leading ``<think>`` block).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, template_path: Path) -> None:
+        from crucible.posttrain.chat_template import ChatEncoder, ChatTemplate
+
+        super().__init__(tokenizer)
+        self.encoder = ChatEncoder(ChatTemplate.from_file(template_path), tokenizer)
+
+    def conversation(self, messages: Sequence[Mapping[str, Any]]):  # type: ignore[no-untyped-def]
+        """The messages as a posttrain Conversation (developer -> system)."""
+        from crucible.posttrain.conversations import Conversation, Message
+
+        out = []
+        for m in messages:
+            role = m.get("role")
+            if role not in ROLES:
+                raise ValueError(f"unknown role {role!r}; allowed: {', '.join(ROLES)}")
+            role = "system" if role == "developer" else role
+            reasoning = m.get("reasoning_content") if role == "assistant" else None
+            text = message_text(m).encode("utf-8", "replace").decode("utf-8")
+            out.append(Message(role, text, reasoning if isinstance(reasoning, str) else None))
+        return Conversation(tuple(out), name="request")
+
+    def render(self, messages: Sequence[Mapping[str, Any]], enable_thinking: bool) -> list[int]:
+        from crucible.posttrain.chat_template import TemplateRenderError
+
+        conv = self.conversation(messages)
+        special = self.encoder.contains_special(conv)
+        if special is not None:
+            raise ValueError(f"a message contains the special token {special}")
+        try:
+            enc = self.encoder.encode(
+                conv, add_generation_prompt=True, enable_thinking=enable_thinking
+            )
+        except TemplateRenderError as e:
+            raise ValueError(str(e)) from None
+        return enc.ids
+
+
 def renderer_for_run(run_dir: Path, tokenizer: Tokenizer) -> ChatRenderer:
     """The chat format of a run directory: the one place that chooses a renderer.
 
-    A run that ships its own chat template (e.g. ``chat_template.jinja`` beside its tokenizer)
-    should get a renderer built on that template here; everything else keeps working unchanged.
+    A run that ships ``chat_template.jinja`` (SFT runs, HF exports of them) renders with that
+    template; any other run with the built-in ChatML format.
     """
+    template = Path(run_dir) / "chat_template.jinja"
+    if template.is_file():
+        return TemplateRenderer(tokenizer, template)
     return ChatMLRenderer(tokenizer)

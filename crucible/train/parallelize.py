@@ -15,6 +15,7 @@ repeated weight blocks, the SmolLM3 TP initialisation bug.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -237,3 +238,21 @@ def build_model(
     elif train.compile and not fsdp and info.tp == 1:
         model.compile()
     return model
+
+
+def load_initial_weights(
+    model: nn.Module, cfg: RunConfig, info: DistInfo, fill: Callable[[nn.Module], None]
+) -> None:
+    """Start the built model from other weights (a base model): `fill` loads them into a plain
+    Transformer. One process fills the model itself; distributed layouts get the full state
+    dict placed into their shards and replicas."""
+    if not info.enabled:
+        fill(model)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    with torch.device("cpu"):
+        full = Transformer(cfg.model)
+    fill(full)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, full.state_dict(), options=options)

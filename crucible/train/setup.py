@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,7 +36,25 @@ RESUME_FIXED = (
     "data.sources",
     "data.stages",
     "distributed.tp",  # sharded checkpoints are resumed with the layout that wrote them
+    "sft",
 )
+
+
+@dataclass
+class TrainInputs:
+    """What a run trains on when it is not pretraining on shards (SFT, for one).
+
+    `setup` takes these instead of preparing pretraining data: the tokenizer, the loader and
+    validation batches of each rank, the objective, and optionally weights to start from and
+    files to add to the run directory. Resume, checkpoints, callbacks and DDP/FSDP are unchanged.
+    """
+
+    tokenizer_path: Path
+    make_loader: Callable[[int, int], Any]  # (rank, world size) -> a loader with .step/state
+    val_batches: Callable[[int, int], list]  # (rank, world size) -> this rank's batches
+    objective: Callable[..., Any] | None = None  # (run, batch) -> step.Loss
+    init_model: Callable[[torch.nn.Module], None] | None = None  # unwrapped, before DDP/FSDP
+    write_files: Callable[[Path], None] | None = None  # main process, into the run directory
 
 
 def resolve_device(name: str) -> torch.device:

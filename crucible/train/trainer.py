@@ -41,9 +41,10 @@ from crucible.train.callbacks.validation import ValidationCallback
 from crucible.train.distributed import barrier, init_distributed
 from crucible.train.metrics import MetricsLogger, console, peak_flops
 from crucible.train.optim import build_optimizer
-from crucible.train.parallelize import build_model
+from crucible.train.parallelize import build_model, load_initial_weights
 from crucible.train.preflight import preflight_at_start
 from crucible.train.setup import (
+    TrainInputs,
     autocast_dtype,
     check_output_dir,
     check_resume,
@@ -72,9 +73,13 @@ def train(
     resume: bool = False,
     quiet: bool = False,
     callbacks: Sequence[Callback] = (),
+    inputs: TrainInputs | None = None,
 ) -> TrainResult:
-    """Train `cfg` (continuing its run directory with `resume`); `callbacks` run after ours."""
-    run = setup(cfg, resume, quiet)
+    """Train `cfg` (continuing its run directory with `resume`); `callbacks` run after ours.
+
+    `inputs` replaces the pretraining data and objective (SFT uses it); None: pretraining.
+    """
+    run = setup(cfg, resume, quiet, inputs)
     # Order matters: faults act first; the guard decides before logging and saving; a rollback
     # (spike guard, on_step_end) comes after the step's own logging and before a signal stop.
     run.callbacks = [
@@ -116,7 +121,7 @@ def train(
     return finish(run)
 
 
-def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
+def setup(cfg: RunConfig, resume: bool, quiet: bool, inputs: TrainInputs | None = None) -> Run:
     device = resolve_device(cfg.train.device)
     info = init_distributed(cfg, device.type)  # checks the layout first, on every rank
     if device.type == "cuda":
@@ -149,35 +154,49 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
         # the corpus is built with this tokenizer: a bad file fails here, not after the build
         check_tokenizer_vocab(cfg.data.tokenizer, cfg.model.vocab_size)
     barrier()
-    if info.is_main:
-        data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len)
-    barrier()
-    if not info.is_main:
-        data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len)
-    # prepare_data has checked the shards against the tokenizer and the tokenizer against the model
-    tokenizer = load_tokenizer(data.tokenizer_path)
+    if inputs is None:
+        if info.is_main:
+            data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len)
+        barrier()
+        if not info.is_main:
+            data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len)
+        # prepare_data has checked the shards against the tokenizer and the tokenizer against
+        # the model
+        tokenizer_path = data.tokenizer_path
+    else:
+        tokenizer_path = inputs.tokenizer_path
+    tokenizer = load_tokenizer(tokenizer_path)
     token_bytes = torch.from_numpy(token_byte_lengths(tokenizer)).long()
     if token_bytes.numel() < cfg.model.vocab_size:  # pad rows the tokenizer never produces
         token_bytes = torch.cat(
             [token_bytes, torch.zeros(cfg.model.vocab_size - token_bytes.numel(), dtype=torch.long)]
         )
     eos = tokenizer.token_to_id(EOS_TOKEN)  # None: the shards' metadata names it
-    preflight_at_start(cfg, info, device, data, quiet)  # the fast checks; a fail stops here
+    if inputs is None:  # the fast checks; a fail stops here (post-training checks its own)
+        preflight_at_start(cfg, info, device, data, quiet)
 
     # ---- the run directory
     if info.is_main:
-        write_run_files(cfg, run_dir, data.tokenizer_path)
+        write_run_files(cfg, run_dir, tokenizer_path)
+        if inputs is not None and inputs.write_files is not None:
+            inputs.write_files(run_dir)
     barrier()
 
     # ---- model, wrapper, optimizer, loader
     amp = autocast_dtype(cfg.train.dtype, device)
     model = build_model(cfg, info, device, amp)  # TP, checkpointing, compile, FSDP2 / DDP
-    val_batches = eval_batches(
-        ShardSet(data.val_dir), cfg.train.seq_len, micro, cfg.train.val_batches, info.dp_rank,
-        world, eos_id=eos,
-    )  # fmt: skip
-    loader = make_loader(cfg, data, info.dp_rank, world, eos)
-    if cfg.train.prefetch:
+    if inputs is not None and inputs.init_model is not None:
+        load_initial_weights(model, cfg, info, inputs.init_model)  # e.g. an SFT run's base
+    if inputs is None:
+        val_batches = eval_batches(
+            ShardSet(data.val_dir), cfg.train.seq_len, micro, cfg.train.val_batches,
+            info.dp_rank, world, eos_id=eos,
+        )  # fmt: skip
+        loader = make_loader(cfg, data, info.dp_rank, world, eos)
+    else:
+        val_batches = inputs.val_batches(info.dp_rank, world)
+        loader = inputs.make_loader(info.dp_rank, world)
+    if cfg.train.prefetch and hasattr(loader, "enable_prefetch"):
         loader.enable_prefetch(pin_memory=device.type == "cuda")
     run = Run(
         cfg=cfg,
@@ -199,6 +218,7 @@ def setup(cfg: RunConfig, resume: bool, quiet: bool) -> Run:
     )
     run.callbacks = [ValidationCallback(val_batches, token_bytes)]
     run.tokenizer = tokenizer
+    run.objective = inputs.objective if inputs is not None else None
     return run
 
 

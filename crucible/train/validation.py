@@ -3,6 +3,8 @@
 Bits-per-byte divides the summed next-token loss (in bits) by the UTF-8 bytes of the predicted
 tokens, so models with different tokenizers are comparable: bpb = sum(nats) / (ln 2 * sum(bytes)).
 Special tokens (document separators) carry no text bytes; their loss is left out of both sums.
+Targets labelled -100 (SFT: prompts and padding) count nowhere: the loss is the mean over the
+supervised targets.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from crucible.model.loss import IGNORE_INDEX
 from crucible.train.distributed import all_reduce_sum
 
 
@@ -36,10 +39,11 @@ def evaluate_loss(
         with ctx:
             out = model(batch.tokens, batch.targets, doc_ids=batch.doc_ids, reduction="none")
         loss = out.loss.float()
-        nbytes = token_bytes[batch.targets]
+        valid = batch.targets != IGNORE_INDEX
+        nbytes = torch.where(valid, token_bytes[batch.targets.clamp(min=0)], 0)
         text = nbytes > 0
         sums += torch.stack(
-            [loss.sum(), loss.new_tensor(loss.numel()), (loss * text).sum(), nbytes.sum().float()]
+            [loss.sum(), valid.sum().to(loss.dtype), (loss * text).sum(), nbytes.sum().float()]
         ).double()
     nats, n_tokens, bpb_nats, n_bytes = all_reduce_sum(sums.tolist(), device)
     model.train(was_training)

@@ -14,6 +14,8 @@ class ValidationCallback(Callback):
         self.batches, self.token_bytes = batches, token_bytes
 
     def validate(self, run: Run, step: int) -> dict[str, float]:
+        if not self.batches:  # a run without held-out data (an SFT run without val_data)
+            return {}
         val = evaluate_loss(run.model, self.batches, self.token_bytes, run.device, run.amp)
         run.log("val", step, tokens=step * run.tokens_per_step, **val)
         run.say(f"  [cyan]val[/] step {step}: loss {val['val_loss']:.4f}  bpb {val['val_bpb']:.4f}")
