@@ -11,6 +11,7 @@ DELETES = re.compile(r"rmtree\(|\.unlink\(|os\.remove\(")
 REVIEWED = {
     "ablate/runner.py": "--fresh removes the suite's own runs/ and jobs/ under its output folder",
     "argtypes.py": "removed_on_failure: only a path that did not exist before the command",
+    "data/chat_source.py": "its own temporary build folder (.NAME.tmp-PID) in the data cache",
     "data/datatrove_run.py": "its own work_dir (fingerprint file checked; foreign ones refused) "
     "and stale .jsonl in a previous pipeline output",
     "data/workers.py": "its own OUTPUT/.parts task files and temporaries",
