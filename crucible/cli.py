@@ -370,6 +370,8 @@ EXAMPLES = {
     "chat-data": "crucible chat-data data/chat --train 5000 --test 500",
     "chat-inspect": "crucible chat-inspect data/chat --tokenizer tok/tokenizer.json --show 0",
     "preflight": "crucible preflight smollm3-3b --full",
+    "sft": "crucible sft sft-tiny sft.base=runs/quickstart train.steps=300",
+    "eval-chat": "crucible eval-chat runs/sft-tiny --data data/chat/test.jsonl",
     "dpo": "crucible dpo apo.yaml dpo.init_from=runs/sft dpo.beta=0.1",
     "grpo": "crucible grpo rl.yaml grpo.init_from=runs/sft --resume",
     "distill": "crucible distill gkd.yaml distill.init_from=runs/student",

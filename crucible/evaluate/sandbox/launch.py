@@ -136,6 +136,9 @@ def _limits(p: dict) -> None:
 def main() -> None:
     probe = sys.argv[1] == "--probe"
     params = json.loads(sys.argv[-1])
+    # The interpreter itself, not a virtualenv's link to it: the venv may sit under /tmp, which
+    # the private tmpfs below hides (-I never reads the venv's site-packages anyway).
+    interpreter = os.path.realpath(sys.executable)
     program = b"" if probe else sys.stdin.buffer.read()
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
@@ -155,7 +158,7 @@ def main() -> None:
         print("ok", flush=True)
         return
     _limits(params)
-    os.execve(sys.executable, [sys.executable, "-I", "/tmp/main.py"], env)
+    os.execve(interpreter, [interpreter, "-I", "/tmp/main.py"], env)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ class MonitorCallback(Callback):
     def _activation_hook(self, name: str):
         def hook(module, args, output):
             if layer_of(name + ".") not in self._acts:  # the first micro-batch is enough
-                x = output.detach().float()
+                x = output[0] if isinstance(output, tuple) else output  # MoE blocks: (x, aux)
+                x = x.detach().float()
                 self._acts[layer_of(name + ".")] = float(x.square().mean().sqrt())
 
         return hook
