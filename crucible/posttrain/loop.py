@@ -19,8 +19,6 @@ import torch
 from pydantic import ValidationError
 
 from crucible.config import ConfigError, RunConfig, format_validation_error
-from crucible.train import chaos
-from crucible.train import checkpoint as ckpt
 from crucible.train.callbacks.base import Callback
 from crucible.train.callbacks.checkpointing import CheckpointCallback
 from crucible.train.callbacks.logging import LoggingCallback
@@ -38,7 +36,7 @@ from crucible.train.setup import (
     write_run_files,
 )
 from crucible.train.state import Run
-from crucible.train.trainer import TrainResult, finish, resume_from
+from crucible.train.trainer import TrainResult, loop
 
 
 @dataclass
@@ -105,9 +103,7 @@ def make_run(p: Prepared, loader: Any, objective: Any) -> Run:
 
 
 def run_loop(run: Run, resume: bool, callbacks: Sequence[Callback] = ()) -> TrainResult:
-    """The loop of `crucible.train.trainer.train`, with the command's callbacks in the middle."""
-    from crucible.train.step import train_step
-
+    """`crucible.train.trainer.loop` with the command's callbacks in the middle."""
     run.callbacks = [
         LoggingCallback(),
         *callbacks,
@@ -115,30 +111,7 @@ def run_loop(run: Run, resume: bool, callbacks: Sequence[Callback] = ()) -> Trai
         SpikeGuard(run),
         SignalCallback(),
     ]
-    resume_from(run, resume)
-    for cb in run.callbacks:
-        cb.on_train_start(run)
-    try:
-        while run.step < run.end_step and run.stop is None:
-            for cb in run.callbacks:
-                cb.on_step_start(run)
-            result = train_step(run, run.step)
-            run.step = result.step
-            for cb in run.callbacks:
-                cb.on_step_end(run, result)
-            chaos.point("step", run.step)
-        for cb in run.callbacks:
-            cb.on_train_end(run)
-    finally:
-        for cb in run.callbacks:
-            if hasattr(cb, "close"):
-                cb.close()
-        if run.metrics is not None:
-            run.metrics.close()
-    ckpt.finalize_pending()
-    if run.stop is not None:
-        raise run.stop
-    return finish(run)
+    return loop(run, resume)
 
 
 def load_model_for(spec: str, where: str, device: torch.device) -> tuple[Base, torch.nn.Module]:

@@ -93,6 +93,11 @@ def train(
         SpikeGuard(run),
         SignalCallback(),
     ]
+    return loop(run, resume)
+
+
+def loop(run: Run, resume: bool) -> TrainResult:
+    """Resume (or start), then step until done or stopped: the loop every command shares."""
     resume_from(run, resume)
     for cb in run.callbacks:
         cb.on_train_start(run)
@@ -113,7 +118,8 @@ def train(
                 cb.close()
         if run.metrics is not None:
             run.metrics.close()
-        run.loader.close()
+        if hasattr(run.loader, "close"):
+            run.loader.close()
     ckpt.finalize_pending()  # an async save completes before the run says it stopped or finished
     if run.stop is not None:
         barrier()
