@@ -100,6 +100,33 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.argsort(keys, kind="stable")
 
 
+class EpochOrder:
+    """Global sequence index -> item: epoch after epoch over `n` items, each epoch a fresh
+    seeded permutation (or in order). Shared by the pretraining and SFT loaders."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            # Keep at most the previous epoch too: a step may straddle an epoch boundary.
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms[epoch] = epoch_permutation(self.n, self.seed, epoch)
+        return self._perms[epoch]
+
+    def __call__(self, global_indices: np.ndarray) -> np.ndarray:
+        g = np.asarray(global_indices, dtype=np.int64)
+        if not self.shuffle:
+            return g % self.n
+        epochs, within = np.divmod(g, self.n)
+        out = np.empty_like(g)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self._perm(int(e))[within[sel]]
+        return out
+
+
 def _read_chunks(shards: ShardSet, chunk_ids: np.ndarray, seq_len: int) -> np.ndarray:
     out = np.empty((len(chunk_ids), seq_len + 1), dtype=np.int64)
     for row, c in enumerate(chunk_ids):
@@ -172,7 +199,7 @@ class PretrainLoader(StepIterator):
         self.seed, self.shuffle = seed, shuffle
         self.eos_id = _resolve_eos(shards, eos_id)
         self.step = 0
-        self._perms: dict[int, np.ndarray] = {}
+        self._order = EpochOrder(self.n_chunks, seed, shuffle)
 
     # -- position
 
@@ -192,24 +219,9 @@ class PretrainLoader(StepIterator):
 
     # -- order
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            # Keep at most the previous epoch too: a step may straddle an epoch boundary.
-            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
-            self._perms[epoch] = epoch_permutation(self.n_chunks, self.seed, epoch)
-        return self._perms[epoch]
-
     def chunk_ids(self, global_indices: np.ndarray) -> np.ndarray:
         """Chunk read for each global sequence index."""
-        g = np.asarray(global_indices, dtype=np.int64)
-        if not self.shuffle:
-            return g % self.n_chunks
-        epochs, within = np.divmod(g, self.n_chunks)
-        out = np.empty_like(g)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            out[sel] = self._perm(int(e))[within[sel]]
-        return out
+        return self._order(global_indices)
 
     def step_batches(self, step: int) -> list[Batch]:
         """This rank's micro-batches of optimizer step `step`, without moving the position."""

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from crucible.config import ConfigError
-from crucible.data.loader import Batch, StepIterator, epoch_permutation
+from crucible.data.loader import Batch, EpochOrder, StepIterator
 from crucible.model.loss import IGNORE_INDEX
 from crucible.posttrain.chat_template import ChatEncoder, TemplateRenderError
 from crucible.posttrain.conversations import Conversation, Issue
@@ -318,7 +318,7 @@ class SFTLoader(StepIterator):
         self._row_supervised = np.array([supervised[r].sum() for r in self.rows], dtype=np.int64)
         self.fingerprint = _fingerprint(self.examples)
         self.step = 0
-        self._perms: dict[int, np.ndarray] = {}
+        self._order = EpochOrder(len(self.rows), seed, shuffle)
 
     @property
     def n_rows(self) -> int:
@@ -347,22 +347,9 @@ class SFTLoader(StepIterator):
             "fill": tokens / (self.n_rows * width),
         }
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
-            self._perms[epoch] = epoch_permutation(self.n_rows, self.seed, epoch)
-        return self._perms[epoch]
-
     def row_ids(self, global_indices: np.ndarray) -> np.ndarray:
-        g = np.asarray(global_indices, dtype=np.int64)
-        if not self.shuffle:
-            return g % self.n_rows
-        epochs, within = np.divmod(g, self.n_rows)
-        out = np.empty_like(g)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            out[sel] = self._perm(int(e))[within[sel]]
-        return out
+        """Row read for each global sequence index."""
+        return self._order(global_indices)
 
     def step_batches(self, step: int) -> list[SFTBatch]:
         """This rank's micro-batches of optimizer step `step`, without moving the position."""
