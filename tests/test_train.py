@@ -64,13 +64,13 @@ def test_sigkill_then_resume_is_bitwise_identical(small_overrides, tmp_path):
               "checkpoint.every=3", "train.dtype=fp32"]  # fmt: skip
     ref = _cli(["train", "tiny", *common, "name=reference"])
     assert ref.returncode == 0, ref.stderr
-    env = dict(os.environ)
-    cmd = [sys.executable, "-m", "crucible", "train", "tiny", *common, "name=killed"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    # killed after step 8, between checkpoints, deterministically (a timed kill can race the end)
+    chaos = tmp_path / "chaos"
+    chaos.write_text("step@8")
+    env = {**os.environ, "CRUCIBLE_CHAOS_FILE": str(chaos)}
+    killed = _cli(["train", "tiny", *common, "name=killed"], env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     run_dir = tmp_path / "runs" / "killed"
-    _wait_for_step(run_dir, 8, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     assert not (run_dir / "summary.json").exists()
     resumed = _cli(["train", "tiny", *common, "name=killed", "--resume"])
     assert resumed.returncode == 0, resumed.stderr
