@@ -54,6 +54,16 @@ def test_in_loop_eval_is_logged_with_training_metrics(run_dir):
     for e in evals:
         assert 0 <= e["arithmetic/acc"] <= 1 and 0 <= e["stdlib_next_line/acc_norm"] <= 1
     assert not any(k.startswith("bogus") for k in evals[0])  # a bad task did not stop training
+    # Each task's random baseline is logged beside its score and shown in the report.
+    from crucible.evaluate.builtin import builtin_info
+    from crucible.report.run_report import write_run_report
+
+    for task in ("arithmetic", "stdlib_next_line"):
+        assert evals[-1][f"{task}/random"] == builtin_info(task)[1]
+    write_run_report(run_dir)
+    report = (run_dir / "report.md").read_text()
+    section = report.split("## In-loop evaluation")[1].split("##")[0]
+    assert "| random | 0.250 | 0.250 |" in section
 
 
 def test_checkpoint_and_hf_export_score_the_same(run_dir, tmp_path):

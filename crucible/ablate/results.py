@@ -28,7 +28,11 @@ def _final_metrics(run_dir: Path) -> dict[str, float] | None:
     evals = [r for r in read_metrics(run_dir, "eval") if r["step"] == summary["step"]]
     if evals:
         out.update(
-            {k: float(v) for k, v in evals[-1].items() if "/" in k and isinstance(v, int | float)}
+            {
+                k: float(v)
+                for k, v in evals[-1].items()
+                if "/" in k and not k.endswith("/random") and isinstance(v, int | float)
+            }
         )
     return out
 

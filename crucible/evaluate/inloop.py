@@ -77,6 +77,8 @@ class InLoopEval:
                     out[f"{task.name}/{k}"] = float(v)
             if res["failures"]:
                 out[f"{task.name}/failures"] = float(res["failures"])
+            # Logged beside the scores so the console, report and plots can show what chance is.
+            out[f"{task.name}/random"] = float(task.random_baseline)
         out["eval_seconds"] = time.perf_counter() - t0
         return out
 
@@ -97,5 +99,9 @@ class InLoopEvalCallback(Callback):
             return
         scores = self.evaluator(run.model)
         run.log("eval", result.step, tokens=result.step * run.tokens_per_step, **scores)
-        shown = "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if k.endswith("/acc_norm"))
+        shown = "  ".join(
+            f"{k} {v:.3f} (random {scores.get(k.split('/')[0] + '/random', float('nan')):.2f})"
+            for k, v in scores.items()
+            if k.endswith("/acc_norm")
+        )
         run.say(f"  [magenta]eval[/] step {result.step}: {shown} ({scores['eval_seconds']:.1f}s)")

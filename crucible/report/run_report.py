@@ -49,6 +49,14 @@ def write_run_report(
         keys = keys or sorted({k for r in evals for k in r if "/" in k})[:6]
         lines += ["## In-loop evaluation", "", "| step | " + " | ".join(keys) + " |"]
         lines.append("|---" * (len(keys) + 1) + "|")
+        # What a uniform random guesser scores: a task is learning only once it is clearly above.
+        chance = [evals[-1].get(k.split("/")[0] + "/random") for k in keys]
+        if any(isinstance(c, float) for c in chance):
+            lines.append(
+                "| random | "
+                + " | ".join(f"{c:.3f}" if isinstance(c, float) else "" for c in chance)
+                + " |"
+            )
         for r in evals:
             cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "" for k in keys]
             lines.append(f"| {r['step']} | " + " | ".join(cells) + " |")
