@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -227,16 +227,15 @@ def _check_stage(plan: Plan, stage: Stage, start: dict[str, Path]) -> None:
                 load_sft_config(cfg_src, overrides)
             else:
                 cfg = load_config(cfg_src, overrides)
-                section = "dpo" if isinstance(stage, DPOStage) else None
-                if section and getattr(cfg, section) is None:
-                    raise ConfigError(f"config: {cfg_src} has no `{section}:` section")
+                if isinstance(stage, DPOStage):
+                    _check_dpo_section(stage, cfg_src, cfg)
                 if isinstance(stage, TrainStage):
                     if cfg.sft is not None or cfg.dpo is not None:
                         raise ConfigError(f"config: {cfg_src} is not a pretraining config")
                     _check_init_step(stage, cfg, start)
-            if isinstance(stage, DPOStage) and stage.data not in plan.dirs:
-                if not pairs_file(plan, stage).is_file():
-                    raise ConfigError(f"data: {stage.data}: file not found")
+            missing = isinstance(stage, DPOStage) and stage.data not in plan.dirs
+            if missing and not pairs_file(plan, stage).is_file():  # type: ignore[arg-type]
+                raise ConfigError(f"data: {stage.data}: file not found")
         elif isinstance(stage, MergeStage):
             docs = merge_docs(plan, stage)
             parse_specs(docs, "merges")
@@ -247,6 +246,19 @@ def _check_stage(plan: Plan, stage: Stage, start: dict[str, Path]) -> None:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{where}: {_flat(e)}") from None
     _parse(argv, where)
+
+
+def _check_dpo_section(stage: DPOStage, cfg_src: str, cfg: Any) -> None:
+    """The config itself has the `dpo:` section (the recipe's own overrides would add one)."""
+    from crucible.config import _read_yaml
+
+    own = any(o.startswith("dpo.") for o in stage.overrides)
+    if "dpo" not in _read_yaml(cfg_src)[0] and not own:
+        raise ConfigError(f"config: {cfg_src} has no `dpo:` section")
+    if cfg.sft is not None or cfg.grpo is not None or cfg.distill is not None:
+        raise ConfigError(
+            f"config: {cfg_src} is not a dpo config (it has another method's section)"
+        )
 
 
 def _check_init_step(stage: TrainStage, cfg: Any, start: dict[str, Path]) -> None:
@@ -388,7 +400,7 @@ def run_stage(plan: Plan, stage: Stage, force: bool) -> dict[str, Any]:
     seconds = _run(plan, what + (" (resumed)" if resume else ""), argv + (["--resume"] if resume
                                                                           else []))  # fmt: skip
     done = {"status": "done", "kind": stage.kind, "argv": argv, "seconds": round(seconds, 1),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+            "finished": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
     _write_marker(mark, done)
     return done
 
