@@ -212,7 +212,7 @@ def test_tiny_recipe_end_to_end_then_rerun_skips(base_run, small_base, tmp_path,
     assert log.count("done, skipped") == 7 + 12  # 7 stages, 6 models x 2 evaluations
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     changed = {p.name for p in before if before[p] != after[p]}
-    assert changed <= {"stages.json", "report.md", "stages.png"}
+    assert changed <= {"stages.json", "report.md", "stages.png", "recipe.yaml"}
 
     # an interrupted merge (marker says started) is redone, and so are the evaluations of it
     marker = out / ".recipe" / "merged.json"
