@@ -215,11 +215,14 @@ def test_tiny_recipe_end_to_end_then_rerun_skips(base_run, small_base, tmp_path,
     assert changed <= {"stages.json", "report.md", "stages.png", "recipe.yaml"}
 
     # an interrupted merge (marker says started) is redone, and so are the evaluations of it
-    marker = out / ".recipe" / "merged.json"
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "status": "started"}))
+    # (and a training stage stopped after its summary.json, before its marker, is not rerun)
+    for name in ("merged", "apo-s1"):
+        marker = out / ".recipe" / f"{name}.json"
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "status": "started"}))
     assert _run(["recipe", str(path)]) == 0
     log = capsys.readouterr().out
-    assert "== stage merged (merge): done in" in log and "== stage apo-s1 (dpo): done," in log
+    assert "== stage apo-s1 (dpo): finished before the interruption" in log
+    assert "== stage merged (merge): done in" in log and "== stage sft (sft): done," in log
     assert "== eval merged (chat): done in" in log and "== eval sft (chat): done," in log
 
 

@@ -369,6 +369,10 @@ def _run(plan: Plan, what: str, argv: list[str]) -> float:
     return seconds
 
 
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
 def run_stage(plan: Plan, stage: Stage, force: bool) -> dict[str, Any]:
     """Run one stage unless it is done; return its marker."""
     mark = plan.marker(stage.name)
@@ -384,6 +388,12 @@ def run_stage(plan: Plan, stage: Stage, force: bool) -> dict[str, Any]:
         print(f"== {what}: done, skipped ({plan.dirs[stage.name]})", flush=True)
         return old
     out = plan.dirs[stage.name]
+    if old and not force and isinstance(stage, TRAIN_LIKE) and (out / "summary.json").is_file():
+        # stopped after the run finished (summary.json is written last), before the marker
+        old = {**old, "status": "done", "finished": _now()}
+        _write_marker(mark, old)
+        print(f"== {what}: finished before the interruption ({out})", flush=True)
+        return old
     resume = (
         old is not None and not force and isinstance(stage, TRAIN_LIKE)
         and _latest_checkpoint(out) is not None
@@ -400,7 +410,7 @@ def run_stage(plan: Plan, stage: Stage, force: bool) -> dict[str, Any]:
     seconds = _run(plan, what + (" (resumed)" if resume else ""), argv + (["--resume"] if resume
                                                                           else []))  # fmt: skip
     done = {"status": "done", "kind": stage.kind, "argv": argv, "seconds": round(seconds, 1),
-            "finished": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+            "finished": _now()}  # fmt: skip
     _write_marker(mark, done)
     return done
 
