@@ -12,10 +12,10 @@ if TYPE_CHECKING:
 
 # eval-chat metrics shown, in order, with their labels.
 CHAT_METRICS = {
-    "ends_with_eot": "replies ending with <|im_end|>",
+    "ends_with_eot": "replies ending with `<|im_end|>`",
     "mode_following": "mode following (all)",
-    "mode_following_think": "  think: closed, non-empty <think>",
-    "mode_following_no_think": "  no-think: no <think> block",
+    "mode_following_think": "  think: closed, non-empty `<think>`",
+    "mode_following_no_think": "  no-think: no `<think>` block",
     "arithmetic_accuracy": "arithmetic accuracy",
     "tool_call_correct": "calculator call, correct expression",
     "tool_answer_accuracy": "tool task answered after the result",
@@ -65,6 +65,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for key, label in CHAT_METRICS.items():
         if any(key in r.get("chat", {}) for r in rows):
             cells = [_share(r.get("chat", {}).get(key)) for r in rows]
+            label = label.replace("|", "\\|")  # a pipe would end the table cell
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     tasks = list(dict.fromkeys(t for r in rows for t in r.get("tasks", {})))
     for t in tasks:
@@ -126,13 +127,16 @@ def write_report(plan: Plan, markers: dict[str, dict[str, Any]]) -> list[Path]:
             "evaluated": rows}  # fmt: skip
     _atomic(out / "stages.json", json.dumps(data, indent=1) + "\n")
     ev = plan.recipe.eval
+    from crucible.posttrain.recipe_config import substitute
+
     lines = [f"# Recipe {plan.recipe.name}", ""]
     lines += ["Stages (each a crucible command; times are wall clock):", ""]
     for s in data["stages"]:
         lines.append(f"- `{s['name']}` ({s['kind']}, {s['seconds']} s): "
                      f"`crucible {' '.join(s['argv'] or [])}`")  # fmt: skip
     if ev is not None:
-        lines += ["", f"Every model on the same held-out data: `eval-chat` on {ev.chat_data}"
+        lines += ["", f"Every model on the same held-out data: `eval-chat` on "
+                  f"{substitute(ev.chat_data, plan.dirs)}"
                   f"{f' (first {ev.limit})' if ev.limit else ''}, greedy, at most "
                   f"{ev.max_new_tokens} new tokens"
                   + (f"; `crucible eval --tasks {ev.tasks}`" if ev.tasks else "")
