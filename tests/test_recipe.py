@@ -240,3 +240,38 @@ def test_changed_stage_needs_force(base_run, small_base, tmp_path, capsys):
     assert "stage 'chat': done with another command" in capsys.readouterr().err
     assert _run(["recipe", str(path), "--force"]) == 0
     assert len((out / "chat" / "train.jsonl").read_text().splitlines()) == 41
+
+
+def test_interrupted_training_stage_resumes(base_run, small_base, tmp_path, capsys, monkeypatch):
+    """A stage stopped after a checkpoint continues from it (--resume) on the next run."""
+    import crucible.posttrain.recipe as recipe_mod
+
+    out = tmp_path / "out"
+    doc = recipe_doc(base_run, small_base, out, _pairs(tmp_path / "p.jsonl"))
+    sft = doc["stages"][2]
+    sft.update(input="base")
+    sft["overrides"] = [o for o in sft["overrides"] if not o.startswith(("train.steps", "check"))]
+    sft["overrides"] += ["train.steps=4", "checkpoint.every=2"]
+    doc["stages"] = [doc["stages"][0], sft]
+    doc.pop("eval")
+    path = _write(tmp_path, doc)
+    real_call = recipe_mod.call
+
+    def interrupted(argv):  # the SFT stops after its step-2 checkpoint, like a killed run
+        if argv[0] == "sft":
+            real_call([*argv, "train.stop_at=2"])
+            raise KeyboardInterrupt
+        return real_call(argv)
+
+    monkeypatch.setattr(recipe_mod, "call", interrupted)
+    assert _run(["recipe", str(path)]) == 130
+    assert json.loads((out / ".recipe" / "sft.json").read_text())["status"] == "started"
+    assert not (out / "sft" / "summary.json").exists()
+    monkeypatch.setattr(recipe_mod, "call", real_call)
+    assert _run(["recipe", str(path)]) == 0
+    log = capsys.readouterr().out
+    assert "== stage chat (chat-data): done, skipped" in log
+    assert "== stage sft (sft) (resumed): crucible sft" in log and " --resume" in log
+    assert json.loads((out / "sft" / "summary.json").read_text())["step"] == 4
+    events = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "resume" for e in events)

@@ -307,14 +307,15 @@ def load_plan(path: str | Path, out_dir: str | None = None) -> Plan:
             raise ConfigError(f"{label}: eval.chat_data: {chat}: file not found")
         for name in plan.eval_models():
             for argv in eval_argvs(plan, name).values():
-                args = _parse(argv, f"{label}: eval")
-            if recipe.eval.tasks:
-                from crucible.evaluate.commands import _check_tasks
+                _parse(argv, f"{label}: eval")
+        if recipe.eval.tasks:
+            from crucible.evaluate.commands import _check_tasks
 
-                try:
-                    _check_tasks(args)
-                except ConfigError as e:
-                    raise ConfigError(f"{label}: eval.tasks: {_flat(e)}") from None
+            argv = eval_argvs(plan, "base")["tasks"]
+            try:
+                _check_tasks(_parse(argv, f"{label}: eval"))
+            except ConfigError as e:
+                raise ConfigError(f"{label}: eval.tasks: {_flat(e)}") from None
     return plan
 
 
