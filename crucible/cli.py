@@ -372,6 +372,7 @@ EXAMPLES = {
     "preflight": "crucible preflight smollm3-3b --full",
     "sft": "crucible sft sft-tiny sft.base=runs/quickstart train.steps=300",
     "eval-chat": "crucible eval-chat runs/sft-tiny --data data/chat/test.jsonl",
+    "recipe": "crucible recipe examples/posttrain/recipe-tiny.yaml --dry-run",
     "dpo": "crucible dpo apo.yaml dpo.init_from=runs/sft dpo.beta=0.1",
     "grpo": "crucible grpo rl.yaml grpo.init_from=runs/sft --resume",
     "distill": "crucible distill gkd.yaml distill.init_from=runs/student",

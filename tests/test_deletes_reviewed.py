@@ -24,6 +24,8 @@ REVIEWED = {
     "infra/storage.py": "bench storage's own probe and test files",
     "model/hf.py": "its own temporary export; replaces only a previous export (marker checked)",
     "posttrain/conversations.py": "its own temporary file",
+    "posttrain/recipe.py": "a stage directory it redoes, only when the recipe's own marker "
+    "(OUT_DIR/.recipe/STAGE.json) says the recipe made it",
     "posttrain/merge_io.py": "its own temporary folder; --overwrite only a previous merge",
     "quickstart.py": "only a run folder the quickstart made (marker checked)",
     "train/checkpoint.py": "its own temporary and pruned checkpoints",

@@ -148,6 +148,13 @@ def _cmd_eval_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recipe(args: argparse.Namespace) -> int:
+    from crucible.posttrain.recipe import run_recipe
+
+    run_recipe(args.recipe, force=args.force, out_dir=args.out_dir, dry_run=args.dry_run)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from crucible.posttrain.merge_commands import register as register_merge
     from crucible.posttrain.rl_commands import register as register_rl
@@ -200,6 +207,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="write metrics and every reply to this JSON file")
     p.set_defaults(func=_cmd_eval_chat)
+
+    p = sub.add_parser(
+        "recipe",
+        help="run a post-training recipe end to end (mid-training, SFT, APO, merge, eval) and "
+        "report the stages side by side",
+        description="Run the stages of a recipe YAML in order, each one an existing command "
+        "(train, sft, pref-data, dpo, merge, chat-data) started from the previous stage's run "
+        "directory, then evaluate every model on the same held-out data (eval-chat, and "
+        "`crucible eval --tasks`) and write OUT_DIR/report.md, stages.json and stages.png. "
+        "The whole recipe is validated before anything runs (exit 2 naming the stage and "
+        "field). A rerun skips the stages that are done and resumes an interrupted one. See "
+        "docs/post-training.md, The recipe end to end, and examples/posttrain/recipe-tiny.yaml.",
+    )
+    p.add_argument("recipe", help="the recipe YAML")
+    p.add_argument("--out-dir", default=None, help="output directory (default: the recipe's "
+                   "out_dir, else runs/<name>)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="redo every stage and evaluation")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate and print the command lines, run nothing"
+    )
+    p.set_defaults(func=_cmd_recipe)
 
     p = sub.add_parser(
         "chat-data",
