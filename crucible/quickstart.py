@@ -1,4 +1,4 @@
-"""The main job: tokenizer -> shards -> pretrain `tiny` -> validation bpb -> samples -> HF export.
+"""The main job: tokenizer -> shards -> pretrain `tiny-muon` -> validation bpb -> samples -> HF export.
 
 Runs on 2 CPU cores in a few minutes with no network, on the embedded standard-library corpus.
 """
@@ -21,6 +21,8 @@ from crucible.runs import load_run_model
 from crucible.tokenizer.train import eos_id, load_tokenizer
 from crucible.train.metrics import console, format_duration
 
+# The winning CPU recipe (tiny + Muon): see the preset file for the measurements behind it.
+QUICKSTART_PRESET = "tiny-muon"
 SAMPLE_PROMPTS = ("def ", "import os\n", "The ")
 MARKER = ".crucible-quickstart"
 
@@ -119,7 +121,7 @@ def _quickstart_base(overrides: list[str] | None, out_dir: str, chat: bool) -> P
     t0 = time.perf_counter()
     # In-loop evaluation on the built-in early-signal tasks at each validation step.
     base = ["name=quickstart", f"out_dir={out_dir}", "eval.every=100"]
-    cfg = load_config("tiny", [*base, *(overrides or [])])
+    cfg = load_config(QUICKSTART_PRESET, [*base, *(overrides or [])])
     run_dir = cfg.run_dir
     if chat:  # fail before the base trains, not after
         _check_replaceable(Path(out_dir) / "quickstart-chat")
