@@ -45,6 +45,11 @@ except Exception:  # pragma: no cover - fla is not installed in the test environ
     _fla_chunk = None
 
 
+def _up(x: Tensor) -> Tensor:
+    """At least fp32 (fp64 stays fp64, for references)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     """x / sqrt(sum x^2 + eps) over the last dim (fla's and transformers' definition)."""
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
@@ -74,17 +79,18 @@ def chunk_gated_delta_rule(
     """The gated delta rule over q, k [B, T, H, Dk] (normalised and scaled), v [B, T, H, Dv],
     log-decays g and rates beta [B, T, H]; starts [B, T] (bool, optional) marks document starts,
     where the state is reset. Returns (o [B, T, H, Dv] in v's dtype, final state [B, H, Dk, Dv]
-    in fp32). Computed in fp32.
+    in fp32, or fp64 for fp64 inputs). Computed in fp32 (fp64 inputs stay fp64).
     """
     dtype = v.dtype
+    work = torch.promote_types(dtype, torch.float32)
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     C = min(chunk_size, T)
     pad = (C - T % C) % C
     # [B, H, T, D] fp32, padded with tokens that write nothing (k = v = beta = 0) and keep the
     # state (g = 0).
-    q, k, v = (F.pad(x.transpose(1, 2).float(), (0, 0, 0, pad)) for x in (q, k, v))
-    g, beta = (F.pad(x.transpose(1, 2).float(), (0, pad)) for x in (g, beta))
+    q, k, v = (F.pad(x.transpose(1, 2).to(work), (0, 0, 0, pad)) for x in (q, k, v))
+    g, beta = (F.pad(x.transpose(1, 2).to(work), (0, pad)) for x in (g, beta))
     N = (T + pad) // C
     q, k, v = (x.reshape(B, H, N, C, x.shape[-1]) for x in (q, k, v))
     g, beta = g.reshape(B, H, N, C), beta.reshape(B, H, N, C)
@@ -118,7 +124,7 @@ def chunk_gated_delta_rule(
     if initial_state is None:
         state = q.new_zeros(B, H, Dk, Dv)
     else:
-        state = initial_state.float()
+        state = initial_state.to(work)
     outs = []
     for n in range(N):
         u = u0[:, :, n] - w[:, :, n] @ state
@@ -177,9 +183,9 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
         dtype = x.dtype
-        xf = x.float()
+        xf = _up(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf.to(dtype) * F.silu(z.float())).to(dtype)
+        return (self.weight * xf.to(dtype) * F.silu(_up(z))).to(dtype)
 
 
 class GatedDeltaNet(nn.Module):
@@ -261,14 +267,14 @@ class GatedDeltaNet(nn.Module):
         mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], -1)
         mixed = self._conv(mixed.transpose(1, 2), cache, starts).transpose(1, 2)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = l2norm(q.reshape(B, T, self.hk, self.dk).float()) * self.dk**-0.5
-        k = l2norm(k.reshape(B, T, self.hk, self.dk).float())
+        q = l2norm(_up(q.reshape(B, T, self.hk, self.dk))) * self.dk**-0.5
+        k = l2norm(_up(k.reshape(B, T, self.hk, self.dk)))
         v = v.reshape(B, T, self.hv, self.dv)
         if self.hv != self.hk:  # each key head serves hv / hk consecutive value heads
             q = q.repeat_interleave(self.hv // self.hk, dim=2)
             k = k.repeat_interleave(self.hv // self.hk, dim=2)
-        beta = b.float().sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        beta = _up(b).sigmoid()
+        g = -_up(self.A_log).exp() * F.softplus(_up(a) + _up(self.dt_bias))
         state = cache.state[self.layer_idx] if cache is not None else None
         if self._use_fla(x):  # pragma: no cover - needs CUDA and fla
             o, new_state = _fla_gated_delta_rule(

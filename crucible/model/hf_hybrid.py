@@ -103,6 +103,10 @@ def hybrid_config_from_hf(hc: Any, ours: dict | None) -> dict[str, Any]:
     def unsupported(what: str) -> ValueError:
         return ValueError(f"cannot load qwen3_next checkpoint: {what} is not supported")
 
+    rope = getattr(hc, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor", getattr(hc, "partial_rotary_factor", 1.0))
+    if factor != 1.0:
+        raise unsupported(f"partial RoPE (partial_rotary_factor {factor})")
     L = hc.num_hidden_layers
     sparse = [
         i
@@ -113,10 +117,6 @@ def hybrid_config_from_hf(hc: Any, ours: dict | None) -> dict[str, Any]:
     ]
     if sparse:
         raise unsupported(f"mixture-of-experts MLPs (layers {sparse[:4]}...)")
-    rope = getattr(hc, "rope_parameters", None) or {}
-    factor = rope.get("partial_rotary_factor", getattr(hc, "partial_rotary_factor", 1.0))
-    if factor != 1.0:
-        raise unsupported(f"partial RoPE (partial_rotary_factor {factor})")
     kinds = ["linear" if t == "linear_attention" else "full" for t in hc.layer_types[:L]]
     la = None
     if "linear" in kinds:
