@@ -362,6 +362,7 @@ def test_tiny_hybrid_trains_through_the_cli(small_overrides: list[str], tmp_path
             "train.val_every=0",
             "train.threads=1",
             "checkpoint.every=3",
+            "monitor.every=2",  # detailed snapshots hook the (gated) attention layer too
             "name=hybrid",
         ]
     )
@@ -371,3 +372,12 @@ def test_tiny_hybrid_trains_through_the_cli(small_overrides: list[str], tmp_path
     logged = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logged if "loss" in r]
     assert losses and all(loss == loss and loss < 20 for loss in losses)
+    assert any(r.get("event") == "monitor_detail" for r in logged)
+
+
+def test_tensor_parallel_hybrid_is_refused_before_any_work() -> None:
+    from crucible.train.distributed import check_parallel_config
+
+    cfg = load_config("tiny-hybrid", ["distributed.tp=2"])
+    with pytest.raises(ConfigError, match="tensor parallelism does not split Gated DeltaNet"):
+        check_parallel_config(cfg, world=2, device_type="cuda")
