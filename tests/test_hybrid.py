@@ -119,6 +119,14 @@ def test_chunked_rule_gradients_equal_the_reference() -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)  # fp32 inside
 
 
+def test_chunked_rule_stays_fp32_under_autocast() -> None:
+    inputs = rule_inputs(T=40)
+    ref, _ = chunk_gated_delta_rule(*inputs, chunk_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # would run the matmuls in bf16
+        out, _ = chunk_gated_delta_rule(*inputs, chunk_size=16)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- model
 
 

@@ -79,8 +79,23 @@ def chunk_gated_delta_rule(
     """The gated delta rule over q, k [B, T, H, Dk] (normalised and scaled), v [B, T, H, Dv],
     log-decays g and rates beta [B, T, H]; starts [B, T] (bool, optional) marks document starts,
     where the state is reset. Returns (o [B, T, H, Dv] in v's dtype, final state [B, H, Dk, Dv]
-    in fp32, or fp64 for fp64 inputs). Computed in fp32 (fp64 inputs stay fp64).
+    in fp32, or fp64 for fp64 inputs). Computed in fp32 (fp64 inputs stay fp64) with autocast
+    off: the state accumulates over the whole sequence, and the triangular solves want fp32.
     """
+    with torch.autocast(q.device.type, enabled=False):
+        return _chunk_rule(q, k, v, g, beta, chunk_size, initial_state, starts)
+
+
+def _chunk_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    chunk_size: int = 64,
+    initial_state: Tensor | None = None,
+    starts: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     dtype = v.dtype
     work = torch.promote_types(dtype, torch.float32)
     B, T, H, Dk = k.shape
