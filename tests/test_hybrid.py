@@ -383,6 +383,35 @@ def test_tiny_hybrid_trains_through_the_cli(small_overrides: list[str], tmp_path
     assert any(r.get("event") == "monitor_detail" for r in logged)
 
 
+def test_hybrid_resume_is_bit_exact_with_activation_checkpointing(small_overrides) -> None:
+    from safetensors.torch import load_file
+
+    from crucible.train.trainer import train
+
+    small = [o for o in small_overrides if not o.startswith("model.num_layers")]
+    hyb = [
+        *small,
+        "model.num_layers=4",
+        "model.linear_attention.key_head_dim=16",
+        "model.linear_attention.value_head_dim=16",
+        "model.linear_attention.chunk_size=16",
+        "train.activation_checkpointing=full",
+        "train.dtype=fp32",
+        "train.steps=4",
+        "checkpoint.every=2",
+        "train.val_every=0",
+    ]
+    ref = load_config("tiny-hybrid", [*hyb, "name=ref"])
+    train(ref, quiet=True)
+    train(load_config("tiny-hybrid", [*hyb, "name=cut", "train.stop_at=2"]), quiet=True)
+    train(load_config("tiny-hybrid", [*hyb, "name=cut"]), resume=True, quiet=True)
+    a = load_file(str(ref.run_dir / "checkpoints/step_000004/model.safetensors"))
+    b = load_file(str(ref.run_dir.parent / "cut/checkpoints/step_000004/model.safetensors"))
+    assert "layers.0.linear_attn.A_log" in a and a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_tensor_parallel_hybrid_is_refused_before_any_work() -> None:
     from crucible.train.distributed import check_parallel_config
 
