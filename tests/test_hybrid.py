@@ -382,6 +382,18 @@ def test_tiny_hybrid_trains_through_the_cli(small_overrides: list[str], tmp_path
     assert losses and all(loss == loss and loss < 20 for loss in losses)
     assert any(r.get("event") == "monitor_detail" for r in logged)
 
+    # The trained run exports through the CLI and runs the same in transformers.
+    from transformers import AutoModelForCausalLM
+
+    from crucible.runs import load_run_model
+
+    run_cli(["export", str(run), "--out", str(tmp_path / "hf")])
+    ours = load_run_model(run)[0].float().eval()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    x = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(x).logits - hf(x).logits).abs().max() < 1e-5
+
 
 def test_hybrid_resume_is_bit_exact_with_activation_checkpointing(small_overrides) -> None:
     from safetensors.torch import load_file
