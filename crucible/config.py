@@ -166,6 +166,13 @@ class ModelConfig(_Strict):
     intermediate_size: int = Field(704, ge=1, description="SwiGLU inner width.")
     max_seq_len: int = Field(256, ge=1, description="Longest sequence the model accepts.")
     rope_theta: float = Field(10000.0, gt=0)
+    partial_rotary_factor: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of each head's dims RoPE rotates (the first ones); the rest carry "
+        "no position. Qwen3-Next uses 0.25.",
+    )
     rope_scaling: RopeScalingConfig | None = Field(
         None, description="RoPE scaling for long context: linear, dynamic (NTK) or yarn."
     )
@@ -211,6 +218,11 @@ class ModelConfig(_Strict):
             )
         if self.head_dim is not None and self.head_dim % 2:
             raise ValueError("head_dim must be even for rotary embeddings")
+        if self.rope_dim < 2 or self.rope_dim % 2:
+            raise ValueError(
+                f"partial_rotary_factor {self.partial_rotary_factor} rotates {self.rope_dim} of "
+                f"{self.dim_per_head} head dims; it must be an even number >= 2"
+            )
         bad = [i for i in self.nope_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"nope_layers {bad} outside 0..{self.num_layers - 1}")
@@ -239,6 +251,11 @@ class ModelConfig(_Strict):
     @property
     def dim_per_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Head dims RoPE rotates (transformers' int(head_dim * partial_rotary_factor))."""
+        return int(self.dim_per_head * self.partial_rotary_factor)
 
     def is_linear(self, layer: int) -> bool:
         """Whether `layer` (0-based) is a Gated DeltaNet layer (else full attention)."""

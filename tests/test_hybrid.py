@@ -208,6 +208,8 @@ def test_config_errors_are_one_clear_line() -> None:
         cfg_with(pattern=["linear", "linear", "full"])
     with pytest.raises(ValueError, match="num_value_heads 3 must be a multiple of num_key_heads 2"):
         cfg_with(la={"num_value_heads": 3})
+    with pytest.raises(ValueError, match="rotates 1 of 8 head dims"):
+        cfg_with(partial_rotary_factor=0.2)
     with pytest.raises(ConfigError, match="does not divide num_layers"):
         load_config("tiny-hybrid", ["model.linear_attention.pattern=[linear,full,full]"])
 
@@ -272,10 +274,11 @@ def test_count_params_cli_reads_the_same_source(capsys) -> None:
 
 EXPORTS = {
     "3linear-1full": {},
-    "alternating-untied-bias": {
+    "alternating-untied-bias-partial-rope": {
         "pattern": ["linear", "full"],
         "tie_embeddings": False,
         "attention_bias": True,
+        "partial_rotary_factor": 0.5,
     },
     "equal-heads-conv2": {"la": {"num_value_heads": 2, "value_head_dim": 8, "conv_kernel": 2}},
     "gated-attention-only": {"pattern": None},
@@ -317,7 +320,8 @@ def test_load_a_checkpoint_written_by_transformers(tmp_path: Path) -> None:
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
     d = to_hf_config(cfg_with())
-    d.pop("crucible_linear_attention")
+    for key in ("crucible_linear_attention", "partial_rotary_factor", "rope_parameters"):
+        d.pop(key)  # transformers' defaults: partial RoPE over a quarter of each head
     torch.manual_seed(0)
     hf = Qwen3NextForCausalLM(Qwen3NextConfig(**{k: v for k, v in d.items() if k != "model_type"}))
     with torch.no_grad():  # transformers initialises norms to 0 (gain 1): perturb them
@@ -326,6 +330,7 @@ def test_load_a_checkpoint_written_by_transformers(tmp_path: Path) -> None:
                 p.add_(torch.randn_like(p) * 0.1)
     hf.eval().save_pretrained(tmp_path / "hf")
     model = load_hf(tmp_path / "hf")
+    assert model.cfg.partial_rotary_factor == 0.25 and model.cfg.rope_dim == 2
     x = ids(T=30)
     with torch.no_grad():
         diff = (model(x).logits - hf(x).logits).abs().max().item()
@@ -339,17 +344,10 @@ def test_export_and_import_errors() -> None:
         to_hf_config(cfg_with(attn_output_gate=False))
     with pytest.raises(ValueError, match="gated shared expert"):
         to_hf_config(cfg_with(moe=MoEConfig(num_experts=4, top_k=2)))
-    with pytest.raises(ValueError, match="partial RoPE"):
-        model_config_from_hf({"model_type": "qwen3_next", "num_hidden_layers": 4})
+    with pytest.raises(ValueError, match="cannot export partial RoPE"):
+        to_hf_config(ModelConfig(**{**BASE, "attn_output_gate": False}, partial_rotary_factor=0.5))
     with pytest.raises(ValueError, match="mixture-of-experts"):
-        model_config_from_hf(
-            {
-                "model_type": "qwen3_next",
-                "num_hidden_layers": 4,
-                "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 1.0},
-                "partial_rotary_factor": 1.0,
-            }
-        )
+        model_config_from_hf({"model_type": "qwen3_next", "num_hidden_layers": 4})
 
 
 # --------------------------------------------------------------------------- training

@@ -76,6 +76,12 @@ def hf_model_type(cfg: ModelConfig) -> str:
     all_rope = all(cfg.uses_rope(i) for i in range(cfg.num_layers))
     if is_hybrid(cfg):
         return check_hybrid_export(cfg, all_rope)
+    if cfg.partial_rotary_factor != 1.0:
+        raise ValueError(
+            "cannot export partial RoPE (partial_rotary_factor "
+            f"{cfg.partial_rotary_factor}) except as Qwen3-Next: set model.qk_norm=true and "
+            "model.attn_output_gate=true"
+        )
     if cfg.moe is not None:
         return moe_model_type(cfg, all_rope)
     if cfg.qk_norm:

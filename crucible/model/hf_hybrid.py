@@ -12,8 +12,8 @@
     chunk_size and kernels (no counterpart) travel in "crucible_linear_attention".
   * full-attention layers: Qwen3-Next always has QK-norm and the sigmoid output gate, so both
     must be on (qk_norm, attn_output_gate); q_proj already has its [query, gate]-per-head layout.
-  * RoPE: exported with partial_rotary_factor 1.0 (we rotate whole heads). Checkpoints with
-    partial rotary (published Qwen3-Next uses 0.25) are refused on import.
+  * RoPE: partial_rotary_factor both ways (Qwen3-Next's default and published value is 0.25,
+    ours 1.0: both work; RoPE rotates the first int(head_dim * factor) dims in both).
   * MLP: dense SwiGLU in every layer (num_experts 0, every layer in mlp_only_layers). Qwen3-Next's
     MoE has a sigmoid-gated shared expert that our MoE lacks, so MoE hybrids are not exported
     and MoE checkpoints are refused.
@@ -66,8 +66,9 @@ def hybrid_hf_config(cfg: ModelConfig, d: dict[str, Any]) -> None:
     """Add the Qwen3-Next fields to the config.json dict `d` (in place)."""
     la = cfg.linear_attention or LinearAttentionConfig(pattern=["full"])
     d["layer_types"] = [_KINDS[la.pattern[i % len(la.pattern)]] for i in range(cfg.num_layers)]
-    d["rope_parameters"] = {**d["rope_parameters"], "partial_rotary_factor": 1.0}
-    d["partial_rotary_factor"] = 1.0
+    factor = cfg.partial_rotary_factor
+    d["rope_parameters"] = {**d["rope_parameters"], "partial_rotary_factor": factor}
+    d["partial_rotary_factor"] = factor
     for key in ("use_sliding_window", "sliding_window", "max_window_layers"):
         d.pop(key, None)
     d.update(
@@ -97,7 +98,8 @@ def _period(kinds: list[str]) -> list[str]:
 
 
 def hybrid_config_from_hf(hc: Any, ours: dict | None) -> dict[str, Any]:
-    """ModelConfig fields (qk_norm, attn_output_gate, linear_attention) from a transformers
+    """ModelConfig fields (qk_norm, attn_output_gate, partial_rotary_factor, linear_attention)
+    from a transformers
     Qwen3NextConfig; ValueError for what we cannot represent."""
 
     def unsupported(what: str) -> ValueError:
@@ -105,8 +107,6 @@ def hybrid_config_from_hf(hc: Any, ours: dict | None) -> dict[str, Any]:
 
     rope = getattr(hc, "rope_parameters", None) or {}
     factor = rope.get("partial_rotary_factor", getattr(hc, "partial_rotary_factor", 1.0))
-    if factor != 1.0:
-        raise unsupported(f"partial RoPE (partial_rotary_factor {factor})")
     L = hc.num_hidden_layers
     sparse = [
         i
@@ -129,7 +129,9 @@ def hybrid_config_from_hf(hc: Any, ours: dict | None) -> dict[str, Any]:
             conv_kernel=hc.linear_conv_kernel_dim,
             **(ours or {}),
         )
-    return dict(qk_norm=True, attn_output_gate=True, linear_attention=la)
+    return dict(
+        qk_norm=True, attn_output_gate=True, partial_rotary_factor=factor, linear_attention=la
+    )
 
 
 def hybrid_to_hf_tensor(name: str, t: Tensor) -> Tensor:

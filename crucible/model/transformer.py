@@ -98,7 +98,7 @@ class Transformer(nn.Module):
                 else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             )
             self.rope = RotaryEmbedding(
-                cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling, cfg.rope_original_len
+                cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_original_len
             )
         # Rows per chunk of the fused output-layer cross-entropy; None picks from vocab size.
         self.loss_chunk_rows: int | None = None
