@@ -214,6 +214,15 @@ def test_config_errors_are_one_clear_line() -> None:
         load_config("tiny-hybrid", ["model.linear_attention.pattern=[linear,full,full]"])
 
 
+def test_fla_kernels_without_fla_is_a_config_error() -> None:
+    from crucible.model import deltanet
+
+    if deltanet._fla_chunk is not None:
+        pytest.skip("flash-linear-attention is installed")
+    with pytest.raises(ConfigError, match="kernels=fla needs the flash-linear-attention"):
+        Transformer(cfg_with(la={"kernels": "fla"}))
+
+
 def test_cli_refuses_a_bad_pattern_before_any_work(capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(["train", "tiny-hybrid", "model.linear_attention.pattern=[linear,linear,full]"])

@@ -214,6 +214,13 @@ class GatedDeltaNet(nn.Module):
         self.hk, self.hv = la.num_key_heads, la.num_value_heads
         self.dk, self.dv = la.key_head_dim, la.value_head_dim
         self.chunk_size, self.kernels = la.chunk_size, la.kernels
+        if la.kernels == "fla" and _fla_chunk is None:
+            from crucible.config import ConfigError
+
+            raise ConfigError(
+                "model.linear_attention.kernels=fla needs the flash-linear-attention package "
+                "(import fla failed); use auto or torch"
+            )
         self.key_dim, self.value_dim = self.hk * self.dk, self.hv * self.dv
         self.conv_dim = 2 * self.key_dim + self.value_dim
         d = cfg.hidden_size
@@ -305,9 +312,9 @@ class GatedDeltaNet(nn.Module):
     def _use_fla(self, x: Tensor) -> bool:
         if self.kernels == "torch":
             return False
-        if self.kernels == "fla" and (_fla_chunk is None or not x.is_cuda):
+        if self.kernels == "fla" and not x.is_cuda:
             raise RuntimeError(
-                "model.linear_attention.kernels=fla needs CUDA and the flash-linear-attention "
-                "package (import fla); use auto or torch"
+                "model.linear_attention.kernels=fla needs CUDA (fla's kernels are Triton); "
+                "use auto or torch"
             )
         return _fla_chunk is not None and x.is_cuda
