@@ -126,11 +126,9 @@ def _chunk_rule(
     kb = k * beta.unsqueeze(-1)
     # (I + A) U = V beta - (K beta gamma) S_0, A[i, j] = beta_i (k_i . k_j) decay[i, j], j < i.
     system = (kb @ k.transpose(-1, -2)) * decay
-    u0 = torch.linalg.solve_triangular(
-        system, v * beta.unsqueeze(-1), upper=False, unitriangular=True
-    )
-    w = torch.linalg.solve_triangular(
-        system, kb * gamma.unsqueeze(-1), upper=False, unitriangular=True
+    rhs = torch.cat([v * beta.unsqueeze(-1), kb * gamma.unsqueeze(-1)], dim=-1)  # one solve
+    u0, w = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True).split(
+        [Dv, Dk], dim=-1
     )
     intra = (q @ k.transpose(-1, -2)) * decay  # includes the diagonal: o_t reads its own write
     q_state = q * gamma.unsqueeze(-1)
