@@ -81,6 +81,11 @@ class MoEConfig(_Strict):
     top_k: int = Field(2, ge=1, description="Experts each token is routed to (1..num_experts).")
     expert_intermediate_size: int = Field(128, ge=1, description="SwiGLU width of one expert.")
     shared_experts: int = Field(0, ge=0, description="Always-on experts (DeepSeek style).")
+    shared_expert_gate: bool = Field(
+        False,
+        description="Qwen3-Next style: the shared experts' output is scaled per token by "
+        "sigmoid(a learned linear gate of the input). Needs shared_experts >= 1.",
+    )
     score: Literal["softmax", "sigmoid"] = Field(
         "softmax", description="Router scores: softmax over experts, or per-expert sigmoid."
     )
@@ -106,6 +111,8 @@ class MoEConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_top_k(self) -> MoEConfig:
+        if self.shared_expert_gate and not self.shared_experts:
+            raise ValueError("shared_expert_gate needs shared_experts >= 1")
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k {self.top_k} exceeds num_experts {self.num_experts}; "

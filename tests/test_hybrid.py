@@ -241,6 +241,7 @@ def test_cli_refuses_a_bad_pattern_before_any_work(capsys) -> None:
         {"attention_bias": True, "tie_embeddings": False},
         {"pattern": ["full", "linear"], "la": {"conv_kernel": 2, "num_value_heads": 2}},
         {"moe": MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=16)},
+        {"moe": MoEConfig(num_experts=4, top_k=2, shared_experts=1, shared_expert_gate=True)},
         {"pattern": ["full"], "attn_output_gate": False},
     ],
 )
@@ -291,6 +292,16 @@ EXPORTS = {
     },
     "equal-heads-conv2": {"la": {"num_value_heads": 2, "value_head_dim": 8, "conv_kernel": 2}},
     "gated-attention-only": {"pattern": None},
+    "moe-gated-shared-expert": {
+        "moe": MoEConfig(
+            num_experts=4,
+            top_k=2,
+            expert_intermediate_size=16,
+            shared_experts=2,
+            shared_expert_gate=True,
+            aux_loss_coef=0.02,
+        )
+    },
 }
 
 
@@ -346,17 +357,61 @@ def test_load_a_checkpoint_written_by_transformers(tmp_path: Path) -> None:
     assert diff < 1e-5
 
 
+def test_load_a_qwen3_next_moe_checkpoint_written_by_transformers(tmp_path: Path) -> None:
+    """transformers' own defaults (layer pattern, partial RoPE, norms, MoE with a gated shared
+    expert), only shrunk: the structure of published Qwen3-Next checkpoints."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    hc = Qwen3NextConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=48,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    hf = Qwen3NextForCausalLM(hc)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "gate" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    model = load_hf(tmp_path / "hf")
+    c = model.cfg
+    assert c.linear_attention.pattern == ["linear", "linear", "linear", "full"]
+    assert c.moe.shared_experts == 2 and c.moe.shared_expert_gate and c.rope_dim == 4
+    x = ids(T=30)
+    with torch.no_grad():
+        diff = (model(x).logits - hf(x).logits).abs().max().item()
+    assert diff < 1e-5
+
+
 def test_export_and_import_errors() -> None:
     with pytest.raises(ValueError, match="no QK-norm off"):
         to_hf_config(cfg_with(qk_norm=False))
     with pytest.raises(ValueError, match="no ungated attention"):
         to_hf_config(cfg_with(attn_output_gate=False))
-    with pytest.raises(ValueError, match="gated shared expert"):
+    with pytest.raises(ValueError, match="no MoE without a gated shared expert"):
         to_hf_config(cfg_with(moe=MoEConfig(num_experts=4, top_k=2)))
+    with pytest.raises(ValueError, match="shared_expert_gate needs shared_experts >= 1"):
+        MoEConfig(shared_expert_gate=True)
     with pytest.raises(ValueError, match="cannot export partial RoPE"):
         to_hf_config(ModelConfig(**{**BASE, "attn_output_gate": False}, partial_rotary_factor=0.5))
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        model_config_from_hf({"model_type": "qwen3_next", "num_hidden_layers": 4})
+    with pytest.raises(ValueError, match="dense MLPs among the MoE ones"):
+        model_config_from_hf(
+            {"model_type": "qwen3_next", "num_hidden_layers": 4, "mlp_only_layers": [0]}
+        )
 
 
 # --------------------------------------------------------------------------- training

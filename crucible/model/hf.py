@@ -35,9 +35,9 @@ from crucible.model.hf_hybrid import (
     HYBRID_ARCHS,
     check_hybrid_export,
     hybrid_config_from_hf,
-    hybrid_from_hf_tensor,
+    hybrid_from_hf,
     hybrid_hf_config,
-    hybrid_to_hf_tensor,
+    hybrid_to_hf,
     is_hybrid,
 )
 from crucible.model.hf_moe import (
@@ -203,7 +203,7 @@ def to_hf_config(
         d["sliding_window"] = None
         d["max_window_layers"] = cfg.num_layers
         d["layer_types"] = ["full_attention"] * cfg.num_layers
-    if cfg.moe is not None:
+    if cfg.moe is not None and model_type in MOE_ARCHS:
         moe_hf_config(cfg, model_type, d)
     if model_type == "qwen3_next":
         hybrid_hf_config(cfg, d)
@@ -235,8 +235,10 @@ def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
     if model_type in MOE_ARCHS:
         moe, qk_norm = moe_config_from_hf(model_type, hc, d.get("crucible_moe"))
     elif model_type in HYBRID_ARCHS:
-        hybrid = hybrid_config_from_hf(hc, d.get("crucible_linear_attention"))
-        qk_norm = hybrid.pop("qk_norm")
+        hybrid = hybrid_config_from_hf(
+            hc, d.get("crucible_linear_attention"), d.get("crucible_moe")
+        )
+        qk_norm, moe = hybrid.pop("qk_norm"), hybrid.pop("moe")
     rope = getattr(hc, "rope_parameters", None) or {}
     try:
         rope_scaling, max_seq_len = rope_scaling_from_hf(rope, hc.max_position_embeddings)
@@ -399,7 +401,7 @@ def export_hf(
     for name, t in net.state_dict().items():
         t = _full_tensor(t).detach().to("cpu")
         if hf_cfg["model_type"] == "qwen3_next":
-            t = hybrid_to_hf_tensor(name, t)  # zero-centred norms, before any down-cast
+            name, t = hybrid_to_hf(name, t)  # zero-centred norms (before any down-cast), names
         if dtype is not None:
             t = t.to(dtype)
         for part, tp in to_hf_tensors(name, t).items():
@@ -506,7 +508,8 @@ def load_hf(
         if ours == "lm_head.weight" and cfg.tie_embeddings:
             continue  # some tied checkpoints also store the (identical) output matrix
         if is_hybrid(cfg):
-            t = hybrid_from_hf_tensor(ours, t.float()).to(t.dtype if dtype is None else dtype)
+            ours, t32 = hybrid_from_hf(ours, t.float())
+            t = t32.to(t.dtype if dtype is None else dtype)
         state[ours] = t if dtype is None else t.to(dtype)
     state = from_hf_tensors(state)
 

@@ -14,9 +14,13 @@
     must be on (qk_norm, attn_output_gate); q_proj already has its [query, gate]-per-head layout.
   * RoPE: partial_rotary_factor both ways (Qwen3-Next's default and published value is 0.25,
     ours 1.0: both work; RoPE rotates the first int(head_dim * factor) dims in both).
-  * MLP: dense SwiGLU in every layer (num_experts 0, every layer in mlp_only_layers). Qwen3-Next's
-    MoE has a sigmoid-gated shared expert that our MoE lacks, so MoE hybrids are not exported
-    and MoE checkpoints are refused.
+  * MLP: dense SwiGLU in every layer (num_experts 0, every layer in mlp_only_layers), or MoE in
+    every layer (decoder_sparse_step 1, no mlp_only_layers): softmax top-k routing with
+    `shared_expert_gate` and shared_experts x expert_intermediate_size =
+    shared_expert_intermediate_size (Qwen3-Next's one sigmoid-gated shared expert; ours is
+    `mlp.shared_experts`, theirs `mlp.shared_expert`). Experts are written per expert, as in
+    hf_moe.py. Mixed dense / MoE layers are refused on import; the balance-loss coefficient is
+    converted as for Qwen3-MoE and the training-only MoE options travel in "crucible_moe".
   * norms: Qwen3-Next's RMSNorm scales by (1 + weight) (zero-centred); ours by weight. Exported
     block, final and QK norm weights are ours - 1, imported ones + 1. (The gated norm inside a
     linear layer scales by weight, as ours does, and is copied.)
@@ -29,7 +33,8 @@ from typing import Any
 
 from torch import Tensor
 
-from crucible.config import LinearAttentionConfig, ModelConfig
+from crucible.config import LinearAttentionConfig, ModelConfig, MoEConfig
+from crucible.model.hf_moe import TRAINING_ONLY, hf_aux_coef
 
 HYBRID_ARCHS = {"qwen3_next": "Qwen3NextForCausalLM"}
 
@@ -47,12 +52,20 @@ def is_hybrid(cfg: ModelConfig) -> bool:
 
 def check_hybrid_export(cfg: ModelConfig, all_rope: bool) -> str:
     """'qwen3_next', or ValueError naming what Qwen3-Next cannot represent."""
+    moe = cfg.moe
     lacks = [
         ("QK-norm off (set model.qk_norm=true)", not cfg.qk_norm),
         ("ungated attention (set model.attn_output_gate=true)", not cfg.attn_output_gate),
-        ("mixture-of-experts MLPs of our kind (its MoE has a gated shared expert)", cfg.moe),
         ("NoPE layers", not all_rope),
     ]
+    if moe is not None:
+        lacks += [
+            ("MoE without a gated shared expert (set model.moe.shared_experts >= 1 and "
+             "model.moe.shared_expert_gate=true)", not moe.shared_expert_gate),
+            ("sigmoid routing", moe.score != "softmax"),
+            ("routed_scaling != 1", moe.routed_scaling != 1.0),
+            ("aux-loss-free selection bias (bias_update_rate > 0)", moe.bias_update_rate > 0),
+        ]  # fmt: skip
     missing = [what for what, bad in lacks if bad]
     if missing:
         raise ValueError(
@@ -77,14 +90,29 @@ def hybrid_hf_config(cfg: ModelConfig, d: dict[str, Any]) -> None:
         linear_key_head_dim=la.key_head_dim,
         linear_value_head_dim=la.value_head_dim,
         linear_conv_kernel_dim=la.conv_kernel,
-        num_experts=0,
-        num_experts_per_tok=1,
         decoder_sparse_step=1,
-        mlp_only_layers=list(range(cfg.num_layers)),
-        moe_intermediate_size=cfg.intermediate_size,
-        shared_expert_intermediate_size=cfg.intermediate_size,
         output_router_logits=False,
     )
+    moe = cfg.moe
+    if moe is None:
+        d.update(
+            num_experts=0,
+            num_experts_per_tok=1,
+            mlp_only_layers=list(range(cfg.num_layers)),
+            moe_intermediate_size=cfg.intermediate_size,
+            shared_expert_intermediate_size=cfg.intermediate_size,
+        )
+    else:
+        d.update(
+            num_experts=moe.num_experts,
+            num_experts_per_tok=moe.top_k,
+            mlp_only_layers=[],
+            moe_intermediate_size=moe.expert_intermediate_size,
+            shared_expert_intermediate_size=moe.shared_experts * moe.expert_intermediate_size,
+            norm_topk_prob=moe.norm_topk_prob,
+            router_aux_loss_coef=hf_aux_coef(moe.aux_loss_coef, cfg.num_layers, moe.top_k),
+        )
+        d["crucible_moe"] = {k: getattr(moe, k) for k in TRAINING_ONLY}
     if cfg.linear_attention is not None:
         d["crucible_linear_attention"] = {k: getattr(la, k) for k in _LOCAL}
 
@@ -97,9 +125,9 @@ def _period(kinds: list[str]) -> list[str]:
     return kinds  # pragma: no cover - p = n always matches
 
 
-def hybrid_config_from_hf(hc: Any, ours: dict | None) -> dict[str, Any]:
-    """ModelConfig fields (qk_norm, attn_output_gate, partial_rotary_factor, linear_attention)
-    from a transformers
+def hybrid_config_from_hf(hc: Any, ours: dict | None, ours_moe: dict | None) -> dict[str, Any]:
+    """ModelConfig fields (qk_norm, attn_output_gate, partial_rotary_factor, linear_attention,
+    moe) from a transformers
     Qwen3NextConfig; ValueError for what we cannot represent."""
 
     def unsupported(what: str) -> ValueError:
@@ -115,8 +143,26 @@ def hybrid_config_from_hf(hc: Any, ours: dict | None) -> dict[str, Any]:
         and hc.num_experts > 0
         and (i + 1) % hc.decoder_sparse_step == 0
     ]
+    moe = None
+    if sparse and len(sparse) != L:
+        raise unsupported(f"dense MLPs among the MoE ones (MoE layers {sparse[:4]}...)")
     if sparse:
-        raise unsupported(f"mixture-of-experts MLPs (layers {sparse[:4]}...)")
+        shared, width = hc.shared_expert_intermediate_size, hc.moe_intermediate_size
+        if shared <= 0 or shared % width:
+            raise unsupported(
+                f"shared_expert_intermediate_size {shared} (not a positive multiple of "
+                f"moe_intermediate_size {width})"
+            )
+        fields = dict(
+            num_experts=hc.num_experts,
+            top_k=hc.num_experts_per_tok,
+            expert_intermediate_size=width,
+            shared_experts=shared // width,
+            shared_expert_gate=True,
+            norm_topk_prob=bool(hc.norm_topk_prob),
+            aux_loss_coef=hc.router_aux_loss_coef * hc.num_experts_per_tok / L,
+        )
+        moe = MoEConfig(**{**fields, **(ours_moe or {})})  # an export's training-only options
     kinds = ["linear" if t == "linear_attention" else "full" for t in hc.layer_types[:L]]
     la = None
     if "linear" in kinds:
@@ -130,13 +176,26 @@ def hybrid_config_from_hf(hc: Any, ours: dict | None) -> dict[str, Any]:
             **(ours or {}),
         )
     return dict(
-        qk_norm=True, attn_output_gate=True, partial_rotary_factor=factor, linear_attention=la
+        qk_norm=True,
+        attn_output_gate=True,
+        partial_rotary_factor=factor,
+        linear_attention=la,
+        moe=moe,
     )
 
 
-def hybrid_to_hf_tensor(name: str, t: Tensor) -> Tensor:
-    return t - 1 if _ZERO_CENTRED.match(name) else t
+_SHARED_OURS = re.compile(r"^(layers\.\d+\.mlp)\.shared_experts\.")
+_SHARED_HF = re.compile(r"^(layers\.\d+\.mlp)\.shared_expert\.")
 
 
-def hybrid_from_hf_tensor(name: str, t: Tensor) -> Tensor:
-    return t + 1 if _ZERO_CENTRED.match(name) else t
+def hybrid_to_hf(name: str, t: Tensor) -> tuple[str, Tensor]:
+    """One of our state-dict entries -> transformers' name and value (before hf_moe's split)."""
+    if _ZERO_CENTRED.match(name):
+        t = t - 1
+    return _SHARED_OURS.sub(r"\1.shared_expert.", name), t
+
+
+def hybrid_from_hf(name: str, t: Tensor) -> tuple[str, Tensor]:
+    """A transformers entry (prefix stripped) -> our name and value."""
+    name = _SHARED_HF.sub(r"\1.shared_experts.", name)
+    return name, (t + 1 if _ZERO_CENTRED.match(name) else t)

@@ -95,7 +95,7 @@ def mlp_params_per_layer(cfg: ModelConfig, moe: MoEConfig | None = None) -> tupl
         dense = 3 * d * cfg.intermediate_size  # gate, up, down
         return dense, dense
     expert = 3 * d * moe.expert_intermediate_size
-    router = d * moe.num_experts
+    router = d * moe.num_experts + (d if moe.shared_expert_gate else 0)  # + shared-expert gate
     stored = (moe.num_experts + moe.shared_experts) * expert + router
     return stored, (moe.top_k + moe.shared_experts) * expert + router
 
