@@ -81,6 +81,11 @@ class MoEConfig(_Strict):
     top_k: int = Field(2, ge=1, description="Experts each token is routed to (1..num_experts).")
     expert_intermediate_size: int = Field(128, ge=1, description="SwiGLU width of one expert.")
     shared_experts: int = Field(0, ge=0, description="Always-on experts (DeepSeek style).")
+    shared_expert_gate: bool = Field(
+        False,
+        description="Qwen3-Next style: the shared experts' output is scaled per token by "
+        "sigmoid(a learned linear gate of the input). Needs shared_experts >= 1.",
+    )
     score: Literal["softmax", "sigmoid"] = Field(
         "softmax", description="Router scores: softmax over experts, or per-expert sigmoid."
     )
@@ -106,10 +111,50 @@ class MoEConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_top_k(self) -> MoEConfig:
+        if self.shared_expert_gate and not self.shared_experts:
+            raise ValueError("shared_expert_gate needs shared_experts >= 1")
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k {self.top_k} exceeds num_experts {self.num_experts}; "
                 f"allowed: 1..{self.num_experts}"
+            )
+        return self
+
+
+class LinearAttentionConfig(_Strict):
+    """Gated DeltaNet token mixers (Qwen3-Next's linear attention) interleaved with attention.
+
+    `pattern` lists layer kinds and repeats over the depth: ["linear", "linear", "linear",
+    "full"] (the default, 3 linear : 1 full) makes layers 3, 7, ... full attention. Its length
+    must divide model.num_layers. Each linear layer keeps a [key_head_dim x value_head_dim]
+    recurrent state per value head instead of a KV cache; see docs/architecture.md.
+    """
+
+    pattern: list[Literal["linear", "full"]] = Field(
+        default_factory=lambda: ["linear", "linear", "linear", "full"],
+        min_length=1,
+        description="Layer kinds, repeated over the depth; its length must divide num_layers.",
+    )
+    num_key_heads: int = Field(2, ge=1, description="Query/key heads of a linear layer.")
+    num_value_heads: int = Field(
+        4, ge=1, description="Value heads (a multiple of num_key_heads, which they share)."
+    )
+    key_head_dim: int = Field(32, ge=1)
+    value_head_dim: int = Field(32, ge=1)
+    conv_kernel: int = Field(4, ge=1, description="Causal depthwise conv width over q, k, v.")
+    chunk_size: int = Field(64, ge=1, description="Tokens per chunk of the chunked delta rule.")
+    kernels: Literal["auto", "torch", "fla"] = Field(
+        "auto",
+        description="auto: flash-linear-attention kernels on CUDA when `fla` imports, else the "
+        "pure-torch chunked algorithm; torch: always the latter; fla: require fla.",
+    )
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> LinearAttentionConfig:
+        if self.num_value_heads % self.num_key_heads:
+            raise ValueError(
+                f"num_value_heads {self.num_value_heads} must be a multiple of num_key_heads "
+                f"{self.num_key_heads}"
             )
         return self
 
@@ -128,6 +173,13 @@ class ModelConfig(_Strict):
     intermediate_size: int = Field(704, ge=1, description="SwiGLU inner width.")
     max_seq_len: int = Field(256, ge=1, description="Longest sequence the model accepts.")
     rope_theta: float = Field(10000.0, gt=0)
+    partial_rotary_factor: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of each head's dims RoPE rotates (the first ones); the rest carry "
+        "no position. Qwen3-Next uses 0.25.",
+    )
     rope_scaling: RopeScalingConfig | None = Field(
         None, description="RoPE scaling for long context: linear, dynamic (NTK) or yarn."
     )
@@ -149,6 +201,16 @@ class ModelConfig(_Strict):
     moe: MoEConfig | None = Field(
         None, description="Mixture-of-experts MLPs (see MoEConfig); null: dense SwiGLU MLPs."
     )
+    attn_output_gate: bool = Field(
+        False,
+        description="Qwen3-Next gated attention: q_proj also yields a per-channel gate, and the "
+        "attention output is multiplied by sigmoid(gate) before o_proj.",
+    )
+    linear_attention: LinearAttentionConfig | None = Field(
+        None,
+        description="Hybrid model: Gated DeltaNet layers interleaved with full attention by "
+        "linear_attention.pattern; null: every layer is full attention.",
+    )
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
@@ -163,9 +225,20 @@ class ModelConfig(_Strict):
             )
         if self.head_dim is not None and self.head_dim % 2:
             raise ValueError("head_dim must be even for rotary embeddings")
+        if self.rope_dim < 2 or self.rope_dim % 2:
+            raise ValueError(
+                f"partial_rotary_factor {self.partial_rotary_factor} rotates {self.rope_dim} of "
+                f"{self.dim_per_head} head dims; it must be an even number >= 2"
+            )
         bad = [i for i in self.nope_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"nope_layers {bad} outside 0..{self.num_layers - 1}")
+        la = self.linear_attention
+        if la is not None and self.num_layers % len(la.pattern):
+            raise ValueError(
+                f"linear_attention.pattern has {len(la.pattern)} entries, which does not divide "
+                f"num_layers {self.num_layers}"
+            )
         rs = self.rope_scaling
         if rs is not None and (rs.original_max_position_embeddings or 0) > self.max_seq_len:
             raise ValueError(
@@ -185,6 +258,20 @@ class ModelConfig(_Strict):
     @property
     def dim_per_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Head dims RoPE rotates (transformers' int(head_dim * partial_rotary_factor))."""
+        return int(self.dim_per_head * self.partial_rotary_factor)
+
+    def is_linear(self, layer: int) -> bool:
+        """Whether `layer` (0-based) is a Gated DeltaNet layer (else full attention)."""
+        la = self.linear_attention
+        return la is not None and la.pattern[layer % len(la.pattern)] == "linear"
+
+    @property
+    def num_linear_layers(self) -> int:
+        return sum(self.is_linear(i) for i in range(self.num_layers))
 
     def uses_rope(self, layer: int) -> bool:
         """Whether `layer` (0-based) applies rotary embeddings."""

@@ -152,15 +152,7 @@ class CrucibleLM(EvalLM):
             return state, self.model(self._count(ids), cache=state).logits.float()
 
     def fork(self, state: Any, n: int) -> Any:
-        from crucible.model.attention import KVCache
-
-        if state.batch_size != 1:
-            raise ValueError("only a single prefilled context can be forked")
-        new = KVCache(state.num_layers, n, state.max_len)
-        new.length = state.length
-        new.k = [k.expand(n, -1, -1, -1).clone() if k is not None else None for k in state.k]
-        new.v = [v.expand(n, -1, -1, -1).clone() if v is not None else None for v in state.v]
-        return new
+        return state.fork(n)  # KVCache.fork copies keys, values and linear-attention states
 
 
 class HFLM(EvalLM):

@@ -39,6 +39,8 @@ class KVCache:
     Buffers of shape [B, num_kv_heads, max_len, head_dim] are allocated on the first write, with
     the dtype and device of the keys actually produced (which autocast decides). `length` is the
     number of positions already stored; the model advances it after each forward pass.
+    Gated DeltaNet layers (hybrid models) store no keys: they keep their conv window `conv[i]`
+    [B, channels, kernel - 1] and recurrent state `state[i]` [B, heads, Dk, Dv] instead.
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_len: int) -> None:
@@ -48,6 +50,8 @@ class KVCache:
         self.length = 0
         self.k: list[Tensor | None] = [None] * num_layers
         self.v: list[Tensor | None] = [None] * num_layers
+        self.conv: list[Tensor | None] = [None] * num_layers
+        self.state: list[Tensor | None] = [None] * num_layers
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v [B, Hkv, t, D] after the cached prefix; return all keys/values so far."""
@@ -69,6 +73,26 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.conv = [None] * self.num_layers
+        self.state = [None] * self.num_layers
+
+    def fork(self, n: int) -> KVCache:
+        """n copies of a one-row cache (e.g. several continuations of one prefilled prompt)."""
+        if self.batch_size != 1:
+            raise ValueError("only a single prefilled context can be forked")
+        new = KVCache(self.num_layers, n, self.max_len)
+        new.length = self.length
+
+        def rep(ts: list[Tensor | None]) -> list[Tensor | None]:
+            return [t.expand(n, *t.shape[1:]).clone() if t is not None else None for t in ts]
+
+        new.k, new.v, new.conv, new.state = (
+            rep(self.k),
+            rep(self.v),
+            rep(self.conv),
+            rep(self.state),
+        )
+        return new
 
 
 # --------------------------------------------------------------------------- masks
@@ -224,7 +248,10 @@ class Attention(nn.Module):
             cfg.num_kv_heads * self.head_dim,
         )
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(d, q_out, bias=bias)
+        # Gated attention (Qwen3-Next): q_proj emits [query, gate] per head, the gate scales the
+        # attention output elementwise through a sigmoid before o_proj.
+        self.output_gate = cfg.attn_output_gate
+        self.q_proj = nn.Linear(d, q_out * (2 if self.output_gate else 1), bias=bias)
         self.k_proj = nn.Linear(d, kv_out, bias=bias)
         self.v_proj = nn.Linear(d, kv_out, bias=bias)
         self.o_proj = nn.Linear(q_out, d, bias=bias)
@@ -242,7 +269,12 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        gate = None
+        if self.output_gate:
+            q, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * self.head_dim).chunk(2, -1)
+            gate = gate.reshape(B, T, self.num_heads * self.head_dim)
+        else:
+            q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
@@ -254,5 +286,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attend(q, k, v, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        out = attend(q, k, v, mask).transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)

@@ -6,6 +6,8 @@ Architectures (chosen from the config, most specific that represents it exactly)
   * "qwen3" (Qwen3ForCausalLM): QK-norm over head_dim, every layer uses RoPE.
   * "qwen3_moe" / "glm4_moe": mixture-of-experts models (softmax / sigmoid routing), see
     crucible/model/hf_moe.py.
+  * "qwen3_next" (Qwen3NextForCausalLM): hybrid models (Gated DeltaNet layers) and gated
+    attention, see crucible/model/hf_hybrid.py.
 Intra-document masking is a training-time choice with no config counterpart; exported models
 attend causally over the whole input, which is what inference on one document needs.
 
@@ -29,6 +31,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from crucible.config import ModelConfig, RopeScalingConfig
+from crucible.model.hf_hybrid import (
+    HYBRID_ARCHS,
+    check_hybrid_export,
+    hybrid_config_from_hf,
+    hybrid_from_hf,
+    hybrid_hf_config,
+    hybrid_to_hf,
+    is_hybrid,
+)
 from crucible.model.hf_moe import (
     MOE_ARCHS,
     from_hf_tensors,
@@ -45,6 +56,7 @@ _ARCHS = {
     "smollm3": "SmolLM3ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     **MOE_ARCHS,
+    **HYBRID_ARCHS,
 }
 
 # Special-token spellings we recognise in a tokenizer's vocabulary, most preferred first.
@@ -62,6 +74,14 @@ _SPECIAL_CANDIDATES = {
 def hf_model_type(cfg: ModelConfig) -> str:
     """Which transformers architecture represents `cfg`; ValueError if none does."""
     all_rope = all(cfg.uses_rope(i) for i in range(cfg.num_layers))
+    if is_hybrid(cfg):
+        return check_hybrid_export(cfg, all_rope)
+    if cfg.partial_rotary_factor != 1.0:
+        raise ValueError(
+            "cannot export partial RoPE (partial_rotary_factor "
+            f"{cfg.partial_rotary_factor}) except as Qwen3-Next: set model.qk_norm=true and "
+            "model.attn_output_gate=true"
+        )
     if cfg.moe is not None:
         return moe_model_type(cfg, all_rope)
     if cfg.qk_norm:
@@ -183,8 +203,10 @@ def to_hf_config(
         d["sliding_window"] = None
         d["max_window_layers"] = cfg.num_layers
         d["layer_types"] = ["full_attention"] * cfg.num_layers
-    if cfg.moe is not None:
+    if cfg.moe is not None and model_type in MOE_ARCHS:
         moe_hf_config(cfg, model_type, d)
+    if model_type == "qwen3_next":
+        hybrid_hf_config(cfg, d)
     return d
 
 
@@ -196,7 +218,7 @@ def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
     if model_type not in _ARCHS:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(_ARCHS)}")
     # Let transformers fill defaults and normalise legacy fields (rope_theta, torch_dtype...).
-    skip = ("model_type", "crucible_moe")
+    skip = ("model_type", "crucible_moe", "crucible_linear_attention")
     hc = AutoConfig.for_model(model_type, **{k: v for k, v in d.items() if k not in skip})
 
     def unsupported(what: str) -> ValueError:
@@ -209,8 +231,14 @@ def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
     if getattr(hc, "use_sliding_window", False):
         raise unsupported("sliding-window attention")
     moe, qk_norm = None, model_type == "qwen3"
+    hybrid: dict[str, Any] = {}
     if model_type in MOE_ARCHS:
         moe, qk_norm = moe_config_from_hf(model_type, hc, d.get("crucible_moe"))
+    elif model_type in HYBRID_ARCHS:
+        hybrid = hybrid_config_from_hf(
+            hc, d.get("crucible_linear_attention"), d.get("crucible_moe")
+        )
+        qk_norm, moe = hybrid.pop("qk_norm"), hybrid.pop("moe")
     rope = getattr(hc, "rope_parameters", None) or {}
     try:
         rope_scaling, max_seq_len = rope_scaling_from_hf(rope, hc.max_position_embeddings)
@@ -251,6 +279,7 @@ def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
         norm_eps=hc.rms_norm_eps,
         init_std=hc.initializer_range,
         moe=moe,
+        **hybrid,
     )
 
 
@@ -371,6 +400,8 @@ def export_hf(
     tensors: dict[str, Tensor] = {}
     for name, t in net.state_dict().items():
         t = _full_tensor(t).detach().to("cpu")
+        if hf_cfg["model_type"] == "qwen3_next":
+            name, t = hybrid_to_hf(name, t)  # zero-centred norms (before any down-cast), names
         if dtype is not None:
             t = t.to(dtype)
         for part, tp in to_hf_tensors(name, t).items():
@@ -476,6 +507,9 @@ def load_hf(
             continue  # old checkpoints stored the RoPE table; we recompute it
         if ours == "lm_head.weight" and cfg.tie_embeddings:
             continue  # some tied checkpoints also store the (identical) output matrix
+        if is_hybrid(cfg):
+            ours, t32 = hybrid_from_hf(ours, t.float())
+            t = t32.to(t.dtype if dtype is None else dtype)
         state[ours] = t if dtype is None else t.to(dtype)
     state = from_hf_tensors(state)
 

@@ -30,7 +30,7 @@ from crucible.config import ModelConfig, MoEConfig
 
 MOE_ARCHS = {"qwen3_moe": "Qwen3MoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
 
-_TRAINING_ONLY = ("aux_loss_coef", "bias_update_rate", "router_z_loss", "dispatch")
+TRAINING_ONLY = ("aux_loss_coef", "bias_update_rate", "router_z_loss", "dispatch")
 
 # DeepSeek-V3's bias update speed (gamma = 0.001), given to imported sigmoid-routed models so that
 # their selection bias exists (it is a buffer only when the update rate is > 0).
@@ -74,7 +74,7 @@ def moe_model_type(cfg: ModelConfig, all_rope: bool) -> str:
     return "qwen3_moe" if moe.score == "softmax" else "glm4_moe"
 
 
-def _hf_aux_coef(coef: float, layers: int, top_k: int) -> float:
+def hf_aux_coef(coef: float, layers: int, top_k: int) -> float:
     """Our coefficient weighs each layer's balance loss (1.0 when balanced) and sums the layers;
     transformers pools all layers into one loss that is top_k when balanced. This factor keeps
     the training objective the same across the two conventions."""
@@ -91,7 +91,7 @@ def moe_hf_config(cfg: ModelConfig, model_type: str, d: dict[str, Any]) -> None:
         norm_topk_prob=moe.norm_topk_prob,
         output_router_logits=False,
     )
-    d["crucible_moe"] = {k: getattr(moe, k) for k in _TRAINING_ONLY}
+    d["crucible_moe"] = {k: getattr(moe, k) for k in TRAINING_ONLY}
     if model_type == "qwen3_moe":
         d.pop("max_window_layers", None)
         d.update(
@@ -99,7 +99,7 @@ def moe_hf_config(cfg: ModelConfig, model_type: str, d: dict[str, Any]) -> None:
             num_experts=moe.num_experts,
             decoder_sparse_step=1,
             mlp_only_layers=[],
-            router_aux_loss_coef=_hf_aux_coef(moe.aux_loss_coef, cfg.num_layers, moe.top_k),
+            router_aux_loss_coef=hf_aux_coef(moe.aux_loss_coef, cfg.num_layers, moe.top_k),
         )
         return
     for key in ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"):

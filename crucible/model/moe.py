@@ -173,6 +173,8 @@ class MoE(nn.Module):
             if moe.shared_experts
             else None
         )
+        # Qwen3-Next: a per-token sigmoid gate on the shared experts' output.
+        self.shared_expert_gate = nn.Linear(d, 1, bias=False) if moe.shared_expert_gate else None
         self.expert_bias: Tensor | None
         if moe.bias_update_rate > 0:
             self.register_buffer("expert_bias", torch.zeros(moe.num_experts), persistent=True)
@@ -218,7 +220,10 @@ class MoE(nn.Module):
         y = y_sorted[inverse].view(N, k, -1)
         y = (y.to(weights.dtype) * weights.unsqueeze(-1)).sum(1)  # weights are fp32
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            shared = self.shared_experts(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            y = y + shared
         y = y.to(x.dtype).view(shape)
 
         aux: dict[str, Tensor] = {}

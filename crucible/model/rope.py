@@ -106,7 +106,8 @@ def dynamic_ntk_inv_freq(
 
 
 class RotaryEmbedding(nn.Module):
-    """Turns position ids [B, T] into (cos, sin) tables [B, T, head_dim], shared by all layers."""
+    """Turns position ids [B, T] into (cos, sin) tables [B, T, head_dim], shared by all layers.
+    With partial RoPE, `head_dim` is the rotated part (ModelConfig.rope_dim)."""
 
     def __init__(
         self,
@@ -159,7 +160,16 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, H, T, head_dim] by the tables [B, T, head_dim]; computed in fp32."""
+    """Rotate x [B, H, T, head_dim] by the tables [B, T, rope_dim]; computed in fp32.
+
+    Partial RoPE (rope_dim < head_dim): the first rope_dim dims rotate, the rest pass through."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([apply_rope_full(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
+    return apply_rope_full(x, cos, sin)
+
+
+def apply_rope_full(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)

@@ -17,6 +17,7 @@ from crucible.model.attention import (
     offset_causal_mask,
     positions_from_doc_ids,
 )
+from crucible.model.deltanet import GatedDeltaNet
 from crucible.model.loss import linear_cross_entropy
 from crucible.model.mlp import MLP
 from crucible.model.moe import Experts, MoE
@@ -35,21 +36,36 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is a MoE
-    layer when cfg.moe is set."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)). The token mixer is
+    attention (`self_attn`), or Gated DeltaNet (`linear_attn`) on the linear layers of a hybrid
+    model; the MLP is a MoE layer when cfg.moe is set."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        if cfg.is_linear(layer_idx):
+            self.linear_attn = GatedDeltaNet(cfg, layer_idx)
+        else:
+            self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.moe is not None else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask, cache: KVCache | None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: AttentionMask,
+        cache: KVCache | None,
+        starts: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns the new residual stream and the MoE layer's auxiliary losses (or {})."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        """Returns the new residual stream and the MoE layer's auxiliary losses (or {}).
+        starts [B, T]: document starts, where a linear layer resets its state (doc masking)."""
+        h = self.input_layernorm(x)
+        if hasattr(self, "linear_attn"):
+            x = x + self.linear_attn(h, cache, starts)
+        else:
+            x = x + self.self_attn(h, cos, sin, mask, cache)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             y, aux = self.mlp(h)
@@ -82,7 +98,7 @@ class Transformer(nn.Module):
                 else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             )
             self.rope = RotaryEmbedding(
-                cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling, cfg.rope_original_len
+                cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_original_len
             )
         # Rows per chunk of the fused output-layer cross-entropy; None picks from vocab size.
         self.loss_chunk_rows: int | None = None
@@ -109,6 +125,8 @@ class Transformer(nn.Module):
                 module.reset_parameters(std)
             elif isinstance(module, MoE):
                 module.reset_buffers()
+            elif isinstance(module, GatedDeltaNet):
+                module.reset_parameters()
         self.init_buffers()
 
     @torch.no_grad()
@@ -182,11 +200,15 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         cos, sin = self.rope(position_ids)
         mask = self._attention_mask(doc_ids, T, past, input_ids.device)
+        starts = None
+        if doc_ids is not None and cfg.linear_attention is not None:
+            starts = torch.zeros_like(doc_ids, dtype=torch.bool)
+            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
 
         x = self.embed(input_ids)
         layer_aux: list[dict[str, Tensor]] = []
         for layer in self.layers:
-            x, aux = layer(x, cos, sin, mask, cache)
+            x, aux = layer(x, cos, sin, mask, cache, starts)
             if aux:
                 layer_aux.append(aux)
         if cache is not None:

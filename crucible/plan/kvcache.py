@@ -6,8 +6,10 @@ from crucible.config import ModelConfig
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: float = 2) -> float:
-    """One K and one V vector per KV head per layer (GQA shrinks this by heads / kv_heads)."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.dim_per_head * bytes_per_value
+    """One K and one V vector per KV head per full-attention layer (GQA shrinks this by
+    heads / kv_heads). Gated DeltaNet layers keep a fixed-size state instead: no per-token cost."""
+    full = cfg.num_layers - cfg.num_linear_layers
+    return 2 * full * cfg.num_kv_heads * cfg.dim_per_head * bytes_per_value
 
 
 def kv_cache_bytes_per_sequence(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from crucible.config import ModelConfig, MoEConfig
-from crucible.plan.params import attention_params_per_layer
+from crucible.plan.params import mixer_params_per_layer
 
 MiB = 2**20
 GiB = 2**30
@@ -105,7 +105,7 @@ def params_per_gpu(cfg: ModelConfig, layout: Layout, moe: MoEConfig | None = Non
     else:
         mlp = (moe.num_experts + moe.shared_experts) * 3 * d * moe.expert_intermediate_size
         mlp += d * moe.num_experts * tp  # the router is replicated, not split
-    layer = (attention_params_per_layer(cfg) + mlp) // tp + norm
+    layer = (mixer_params_per_layer(cfg) + mlp) // tp + norm
     embed = cfg.vocab_size * d // (tp if layout.vocab_parallel else 1)
     blocks = math.ceil(cfg.num_layers / layout.pp)
     head = 0 if cfg.tie_embeddings and layout.pp == 1 else embed
@@ -298,7 +298,7 @@ def _recomputed_weights(cfg: ModelConfig, layout: Layout, moe: MoEConfig | None)
     blocks = math.ceil(cfg.num_layers / layout.pp)
     d, i = cfg.hidden_size, cfg.intermediate_size
     if layout.recompute == "full":
-        per_block = attention_params_per_layer(cfg) + 3 * d * i
+        per_block = mixer_params_per_layer(cfg) + 3 * d * i
     elif layout.recompute == "selective":
         per_block = d * i
     else:

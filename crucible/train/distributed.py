@@ -70,6 +70,11 @@ def check_parallel_config(cfg: RunConfig, world: int, device_type: str) -> None:
             f"distributed.tp {tp} does not divide the world size {world} (processes started "
             "by torchrun); use a tp that divides it"
         )
+    if tp > 1 and m.linear_attention is not None:
+        raise ConfigError(
+            f"distributed.tp {tp} with model.linear_attention: tensor parallelism does not "
+            "split Gated DeltaNet layers yet; use tp 1 (FSDP2 / DDP work)"
+        )
     if tp > 1:
         for name, n in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads),
                         ("intermediate_size", m.intermediate_size)):  # fmt: skip

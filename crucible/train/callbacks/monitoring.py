@@ -112,7 +112,7 @@ class MonitorCallback(Callback):
             x, cos, sin = args[0][:1].detach(), args[1][:1], args[2][:1]  # the first sequence
             with torch.no_grad():
                 B, T, _ = x.shape
-                q = module.q_proj(x).view(B, T, module.num_heads, module.head_dim)
+                q = module.q_proj(x).view(B, T, module.num_heads, -1)[..., : module.head_dim]
                 k = module.k_proj(x).view(B, T, module.num_kv_heads, module.head_dim)
                 if module.q_norm is not None:
                     q, k = module.q_norm(q), module.k_norm(k)
