@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from crucible.ablate.stats import paired_test, summarize
+from crucible.ablate.stats import paired_test
 from crucible.config import load_config
 from crucible.data.corpora import split_of
 from crucible.posttrain.conversations import Conversation, Message, write_jsonl
@@ -44,11 +44,11 @@ MODEL = ["model.vocab_size=1024", "model.hidden_size=128", "model.num_layers=4",
          "model.max_seq_len=192"]  # fmt: skip
 
 
-def base(out: Path) -> Path:
+def base(out: Path, steps: int = 150, threads: int = 1) -> Path:
     run = out / "base"
     if (run / "summary.json").exists():
         return run
-    cfg = load_config("tiny", [*MODEL, f"out_dir={out}", "name=base", "train.steps=150",
+    cfg = load_config("tiny", [*MODEL, f"out_dir={out}", "name=base", f"train.steps={steps}", f"train.threads={threads}",
                                "train.seq_len=128", "train.global_batch_size=16",
                                "train.micro_batch_size=16", "train.val_every=0",
                                "checkpoint.every=0", "data.max_corpus_mb=2",
@@ -95,19 +95,21 @@ def conversation(p: dict) -> Conversation:
     return Conversation(msgs, None, {"enable_thinking": False})
 
 
-def sft(out: Path, base_dir: Path, steps: int) -> Path:
+def sft(out: Path, base_dir: Path, args: argparse.Namespace) -> Path:
     run = out / "sft"
     if (run / "summary.json").exists():
         return run
     data_path = out / "sft_train.jsonl"
     train = problems("train")
     rng = random.Random(0)
-    write_jsonl([conversation(rng.choice(train)) for _ in range(4000)], data_path)
+    write_jsonl([conversation(rng.choice(train)) for _ in range(args.sft_rows)], data_path)
+    steps = args.sft_steps
     cfg = load_config(None, [f"out_dir={out}", "name=sft", f"train.steps={steps}",
+                             f"train.threads={args.threads}",
                              "train.global_batch_size=16", "train.micro_batch_size=16",
                              "train.seq_len=96", "train.log_every=20", "train.tensorboard=false",
-                             "optim.lr=2e-3", "schedule.kind=cosine", "schedule.warmup_steps=20",
-                             "schedule.min_lr=2e-4", "checkpoint.every=0",
+                             f"optim.lr={args.sft_lr}", "schedule.kind=cosine", "schedule.warmup_steps=20",
+                             f"schedule.min_lr={args.sft_lr / 10}", "checkpoint.every=0",
                              "checkpoint.keep_last=1"])  # fmt: skip
     b = load_base(base_dir)
     cfg = cfg.model_copy(update={"model": b.model_cfg})
@@ -125,15 +127,33 @@ def sft(out: Path, base_dir: Path, steps: int) -> Path:
     return run
 
 
-def evaluate(run_dir: Path, n: int) -> tuple[float, float]:
+def evaluate(run_dir: Path, args: argparse.Namespace, seed: int | None) -> dict[str, float]:
+    """Held-out reward: greedy, and (with a seed) the mean over `--eval-samples` sampled
+    completions per problem at temperature 1 (less noisy than one greedy answer each)."""
     b = load_base(run_dir)
     model = b.build().eval()
     prompter = ChatPrompter.from_tokenizer(load_tokenizer(b.tokenizer_path))
-    path = run_dir.parent / "heldout.jsonl"
+    path = args.out / "heldout.jsonl"
     if not path.exists():
         path.write_text("".join(json.dumps(p) + "\n" for p in problems("test")))
-    prompts = with_system(read_prompts(str(path), think=False), SYSTEM)[:n]
-    return heldout_accuracy(model, prompter, prompts, max_new_tokens=24)
+    prompts = with_system(read_prompts(str(path), think=False), SYSTEM)[: args.heldout]
+    greedy = heldout_accuracy(model, prompter, prompts, max_new_tokens=args.max_len)
+    out = {"reward": greedy[0], "length": greedy[1], "n": len(prompts)}
+    if seed is not None and args.eval_samples > 0:
+        sampled = heldout_accuracy(model, prompter, prompts, max_new_tokens=args.max_len,
+                                   samples=args.eval_samples, temperature=1.0, seed=seed)  # fmt: skip
+        out |= {"sampled_reward": sampled[0], "sampled_length": sampled[1]}
+    return out
+
+
+class Clock:
+    """Wall and process CPU seconds since creation (one thread: CPU time is core time)."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.time(), time.process_time()
+
+    def read(self) -> dict[str, float]:
+        return {"wall_s": time.time() - self.wall, "cpu_s": time.process_time() - self.cpu}
 
 
 def train_prompts(out: Path) -> Path:
@@ -148,6 +168,7 @@ def grpo(out: Path, sft_dir: Path, seed: int, penalty: bool, args: argparse.Name
         return out / name
     cfg = load_config(None, [
         f"out_dir={out}", f"name={name}", f"seed={seed}", f"train.steps={args.steps}",
+        f"train.threads={args.threads}",
         f"train.global_batch_size={args.prompts_per_step * args.group}",
         f"train.micro_batch_size={args.prompts_per_step * args.group}", "train.log_every=1",
         "train.tensorboard=false", f"optim.lr={args.lr}", "optim.weight_decay=0",
@@ -162,17 +183,30 @@ def grpo(out: Path, sft_dir: Path, seed: int, penalty: bool, args: argparse.Name
     return out / name
 
 
+def paired(before: list[float], after: list[float]) -> dict:
+    cmp = paired_test("heldout_reward", before, after, lower_better=False)
+    return {"before": before, "after": after, "mean_diff": cmp.diff.mean,
+            "ci_low": cmp.diff.ci_low, "ci_high": cmp.diff.ci_high, "p": cmp.p,
+            "verdict": cmp.verdict}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--prompts-per-step", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=60, help="GRPO steps per run")
+    ap.add_argument("--prompts-per-step", type=int, default=4)
     ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=24)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--sft-steps", type=int, default=200)
-    ap.add_argument("--heldout", type=int, default=200)
+    ap.add_argument("--max-len", type=int, default=24, help="completion tokens (GRPO and eval)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="GRPO learning rate")
+    ap.add_argument("--base-steps", type=int, default=150)
+    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--sft-lr", type=float, default=2e-3)
+    ap.add_argument("--sft-rows", type=int, default=4000, help="SFT conversations written")
+    ap.add_argument("--heldout", type=int, default=100_000, help="at most this many problems")
+    ap.add_argument("--eval-samples", type=int, default=8,
+                    help="sampled completions per held-out problem (0: greedy only)")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     ap.add_argument(
         "--arms",
         nargs="+",
@@ -180,51 +214,65 @@ def main() -> None:
         help="which arms to run (a second process can run the other one)",
     )
     ap.add_argument("--max-n", type=int, default=20, help="problems use numbers below this")
+    ap.add_argument("--prep-only", action="store_true", help="stop after scoring the SFT model")
     args = ap.parse_args()
     global MAX_N
     MAX_N = args.max_n
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    torch.set_num_threads(2)
-    b = base(out)
-    s = sft(out, b, args.sft_steps)
-    t_prep = time.time() - t0
-    before = evaluate(s, args.heldout)
-    console.print(f"SFT model: held-out reward {before[0]:.3f}, mean length {before[1]:.1f}")
-    results: dict = {"before": {"reward": before[0], "length": before[1]}, "runs": {},
-                     "prep_seconds": t_prep}  # fmt: skip
-    t1 = time.time()
+    torch.set_num_threads(args.threads)
+    clock = Clock()
+    b = base(out, args.base_steps, args.threads)
+    t_base = clock.read()
+    s = sft(out, b, args)
+    t_prep = clock.read()
+    n_test, n_train = len(problems("test")), len(problems("train"))
+    console.print(f"problems: {n_train} train, {n_test} held out")
+    before = {seed: evaluate(s, args, seed) for seed in args.seeds}
+    b0 = before[args.seeds[0]]
+    console.print(f"SFT model: held-out greedy reward {b0['reward']:.3f}, sampled "
+                  f"{[round(v.get('sampled_reward', 0), 3) for v in before.values()]}, "
+                  f"length {b0['length']:.1f}")  # fmt: skip
+    results: dict = {"problems": {"train": n_train, "heldout": n_test},
+                     "before": {str(k): v for k, v in before.items()}, "runs": {},
+                     "base_time": t_base, "prep_time": t_prep}  # fmt: skip
+    if args.prep_only:
+        (out / "prep.json").write_text(json.dumps(results, indent=1))
+        return
+    grpo_clock = Clock()
     arms = [a == "penalty" for a in args.arms]
     for penalty in arms:
         for seed in args.seeds:
-            t = time.time()
+            c = Clock()
             r = grpo(out, s, seed, penalty, args)
-            after = evaluate(r, args.heldout)
+            t_train = c.read()
+            after = evaluate(r, args, seed)
             events = [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]
             curve = [{k: e.get(k) for k in ("step", "reward", "accuracy", "completion_length",
                                             "truncated")} for e in events if e["event"] == "train"]  # fmt: skip
-            results["runs"][r.name] = {"seed": seed, "penalty": penalty, "reward": after[0],
-                                       "length": after[1], "seconds": time.time() - t,
+            results["runs"][r.name] = {"seed": seed, "penalty": penalty, **after,
+                                       "train_time": t_train, "time": c.read(),
                                        "curve": curve}  # fmt: skip
-            console.print(f"{r.name}: held-out reward {after[0]:.3f}, length {after[1]:.1f} "
-                          f"({time.time() - t:.0f} s)")  # fmt: skip
-    results["grpo_seconds"] = time.time() - t1
+            console.print(f"{r.name}: held-out greedy {after['reward']:.3f}, sampled "
+                          f"{after.get('sampled_reward', float('nan')):.3f}, length "
+                          f"{after['length']:.1f} ({c.read()})")  # fmt: skip
+    results["grpo_time"] = grpo_clock.read()
     results["args"] = {k: str(v) for k, v in vars(args).items()}
     for penalty in arms:
-        arm = [v for v in results["runs"].values() if v["penalty"] == penalty]
-        cmp = paired_test("heldout_reward", [before[0]] * len(arm), [v["reward"] for v in arm],
-                          lower_better=False)  # fmt: skip
         key = "penalty" if penalty else "plain"
-        results[f"paired_{key}"] = {"mean_diff": cmp.diff.mean, "ci_low": cmp.diff.ci_low,
-                                    "ci_high": cmp.diff.ci_high, "p": cmp.p, "verdict": cmp.verdict,
-                                    "after": summarize([v["reward"] for v in arm]).__dict__}  # fmt: skip
-        console.print(f"{key}: reward change {cmp.diff.mean:+.3f} (95% CI {cmp.diff.ci_low:+.3f} "
-                      f"to {cmp.diff.ci_high:+.3f}, p={cmp.p:.3g}, {cmp.verdict})")  # fmt: skip
-    if len(arms) < 2:
-        return  # partial: a later run with both arms reuses these runs and writes the results
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / "grpo_length.png")
+        arm = [v for v in results["runs"].values() if v["penalty"] == penalty]
+        for metric in ("reward", "sampled_reward"):
+            if metric not in arm[0]:
+                continue
+            cmp = paired([before[v["seed"]][metric] for v in arm], [v[metric] for v in arm])
+            results[f"paired_{key}_{metric}"] = cmp
+            console.print(f"{key} {metric}: change {cmp['mean_diff']:+.3f} (95% CI "
+                          f"{cmp['ci_low']:+.3f} to {cmp['ci_high']:+.3f}, p={cmp['p']:.3g}, "
+                          f"{cmp['verdict']})")  # fmt: skip
+    name = "results.json" if len(arms) == 2 else f"results-{args.arms[0]}.json"
+    (out / name).write_text(json.dumps(results, indent=1))
+    if len(arms) == 2:
+        plot(results, out / "grpo_length.png")
 
 
 def plot(results: dict, path: Path) -> None:
