@@ -62,13 +62,15 @@ def base(out: Path, steps: int = 150, threads: int = 1) -> Path:
 
 SYSTEM = "/system_override Be brief."  # the template's verbatim system prompt: short rows
 MAX_N = 20  # numbers below it; --max-n changes it
+WORDING = "story"  # or "short" ("What is 7 + 5?"); --wording changes it
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo"]
 ITEMS = ["apples", "marbles", "books", "coins", "pencils", "shells", "cards"]
 
 
 def problems(split: str, max_n: int | None = None) -> list[dict]:
     """Word problems a + b and a - b (a >= b) with a, b < max_n; an expression is held out
-    (test) when its hash falls in the corpus's 20% validation bucket."""
+    (test) when its hash falls in the corpus's 20% validation bucket. `reworded`: the train
+    expressions with another name and item than their train wording (unseen prompts, seen sums)."""
     out, max_n = [], max_n or MAX_N
     for a in range(max_n):
         for b in range(max_n):
@@ -80,7 +82,12 @@ def problems(split: str, max_n: int | None = None) -> list[dict]:
                     continue
                 rng = random.Random(key)
                 name, items = rng.choice(NAMES), rng.choice(ITEMS)
-                if op == "+":
+                if split == "reworded":
+                    name = rng.choice([n for n in NAMES if n != name])
+                    items = rng.choice([i for i in ITEMS if i != items])
+                if WORDING == "short":
+                    q = f"{'Compute' if split == 'reworded' else 'What is'} {a} {op} {b}?"
+                elif op == "+":
                     q = f"{name} has {a} {items} and gets {b} more. How many {items} now?"
                 else:
                     q = f"{name} has {a} {items} and gives {b} away. How many {items} are left?"
@@ -127,22 +134,25 @@ def sft(out: Path, base_dir: Path, args: argparse.Namespace) -> Path:
     return run
 
 
-def evaluate(run_dir: Path, args: argparse.Namespace, seed: int | None) -> dict[str, float]:
-    """Held-out reward: greedy, and (with a seed) the mean over `--eval-samples` sampled
-    completions per problem at temperature 1 (less noisy than one greedy answer each)."""
+def evaluate(run_dir: Path, args: argparse.Namespace, seed: int) -> dict[str, float]:
+    """Reward on each held-out split: greedy, and the mean over `--eval-samples` completions
+    per problem sampled at temperature 1 from a generator seeded by `seed` (less noisy than one
+    greedy answer each; the same seed before and after RL gives common random numbers)."""
     b = load_base(run_dir)
     model = b.build().eval()
     prompter = ChatPrompter.from_tokenizer(load_tokenizer(b.tokenizer_path))
-    path = args.out / "heldout.jsonl"
-    if not path.exists():
-        path.write_text("".join(json.dumps(p) + "\n" for p in problems("test")))
-    prompts = with_system(read_prompts(str(path), think=False), SYSTEM)[: args.heldout]
-    greedy = heldout_accuracy(model, prompter, prompts, max_new_tokens=args.max_len)
-    out = {"reward": greedy[0], "length": greedy[1], "n": len(prompts)}
-    if seed is not None and args.eval_samples > 0:
-        sampled = heldout_accuracy(model, prompter, prompts, max_new_tokens=args.max_len,
-                                   samples=args.eval_samples, temperature=1.0, seed=seed)  # fmt: skip
-        out |= {"sampled_reward": sampled[0], "sampled_length": sampled[1]}
+    out: dict[str, float] = {}
+    for split in args.eval_splits:
+        path = args.out / f"heldout-{split}.jsonl"
+        if not path.exists():
+            path.write_text("".join(json.dumps(p) + "\n" for p in problems(split)))
+        prompts = with_system(read_prompts(str(path), think=False), SYSTEM)[: args.heldout]
+        reward, length = heldout_accuracy(model, prompter, prompts, max_new_tokens=args.max_len)
+        out |= {f"{split}_reward": reward, f"{split}_length": length}
+        if args.eval_samples > 0:
+            reward, length = heldout_accuracy(model, prompter, prompts, max_new_tokens=args.max_len,
+                                              samples=args.eval_samples, temperature=1.0, seed=seed)  # fmt: skip
+            out |= {f"{split}_sampled_reward": reward, f"{split}_sampled_length": length}
     return out
 
 
@@ -206,6 +216,9 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=100_000, help="at most this many problems")
     ap.add_argument("--eval-samples", type=int, default=8,
                     help="sampled completions per held-out problem (0: greedy only)")  # fmt: skip
+    ap.add_argument("--eval-splits", nargs="+", default=["test", "reworded"],
+                    choices=["test", "reworded", "train"],
+                    help="test: unseen sums; reworded: seen sums, unseen wording")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     ap.add_argument(
         "--arms",
@@ -214,10 +227,12 @@ def main() -> None:
         help="which arms to run (a second process can run the other one)",
     )
     ap.add_argument("--max-n", type=int, default=20, help="problems use numbers below this")
+    ap.add_argument("--wording", choices=["story", "short"], default="story",
+                    help="story: a word problem; short: 'What is a + b?'")  # fmt: skip
     ap.add_argument("--prep-only", action="store_true", help="stop after scoring the SFT model")
     args = ap.parse_args()
-    global MAX_N
-    MAX_N = args.max_n
+    global MAX_N, WORDING
+    MAX_N, WORDING = args.max_n, args.wording
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -226,14 +241,11 @@ def main() -> None:
     t_base = clock.read()
     s = sft(out, b, args)
     t_prep = clock.read()
-    n_test, n_train = len(problems("test")), len(problems("train"))
-    console.print(f"problems: {n_train} train, {n_test} held out")
+    sizes = {split: len(problems(split)) for split in ("train", "test", "reworded")}
+    console.print(f"problems: {sizes}")
     before = {seed: evaluate(s, args, seed) for seed in args.seeds}
-    b0 = before[args.seeds[0]]
-    console.print(f"SFT model: held-out greedy reward {b0['reward']:.3f}, sampled "
-                  f"{[round(v.get('sampled_reward', 0), 3) for v in before.values()]}, "
-                  f"length {b0['length']:.1f}")  # fmt: skip
-    results: dict = {"problems": {"train": n_train, "heldout": n_test},
+    console.print(f"SFT model: {before}")
+    results: dict = {"problems": sizes,
                      "before": {str(k): v for k, v in before.items()}, "runs": {},
                      "base_time": t_base, "prep_time": t_prep}  # fmt: skip
     if args.prep_only:
@@ -253,17 +265,13 @@ def main() -> None:
             results["runs"][r.name] = {"seed": seed, "penalty": penalty, **after,
                                        "train_time": t_train, "time": c.read(),
                                        "curve": curve}  # fmt: skip
-            console.print(f"{r.name}: held-out greedy {after['reward']:.3f}, sampled "
-                          f"{after.get('sampled_reward', float('nan')):.3f}, length "
-                          f"{after['length']:.1f} ({c.read()})")  # fmt: skip
+            console.print(f"{r.name}: {after} ({c.read()})")
     results["grpo_time"] = grpo_clock.read()
     results["args"] = {k: str(v) for k, v in vars(args).items()}
     for penalty in arms:
         key = "penalty" if penalty else "plain"
         arm = [v for v in results["runs"].values() if v["penalty"] == penalty]
-        for metric in ("reward", "sampled_reward"):
-            if metric not in arm[0]:
-                continue
+        for metric in [k for k in arm[0] if k.endswith("_reward")]:
             cmp = paired([before[v["seed"]][metric] for v in arm], [v[metric] for v in arm])
             results[f"paired_{key}_{metric}"] = cmp
             console.print(f"{key} {metric}: change {cmp['mean_diff']:+.3f} (95% CI "
