@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -144,8 +145,10 @@ def evaluate(run_dir: Path, args: argparse.Namespace, seed: int) -> dict[str, fl
     out: dict[str, float] = {}
     for split in args.eval_splits:
         path = args.out / f"heldout-{split}.jsonl"
-        if not path.exists():
-            path.write_text("".join(json.dumps(p) + "\n" for p in problems(split)))
+        if not path.exists():  # two processes (one per arm) may get here: write, then rename
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text("".join(json.dumps(p) + "\n" for p in problems(split)))
+            tmp.replace(path)
         prompts = with_system(read_prompts(str(path), think=False), SYSTEM)[: args.heldout]
         reward, length = heldout_accuracy(model, prompter, prompts, max_new_tokens=args.max_len)
         out |= {f"{split}_reward": reward, f"{split}_length": length}
@@ -168,7 +171,9 @@ class Clock:
 
 def train_prompts(out: Path) -> Path:
     path = out / "grpo_prompts.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in problems("train")))
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # rename: the other arm's process may be reading
+    tmp.write_text("".join(json.dumps(p) + "\n" for p in problems("train")))
+    tmp.replace(path)
     return path
 
 
@@ -182,7 +187,7 @@ def grpo(out: Path, sft_dir: Path, seed: int, penalty: bool, args: argparse.Name
         f"train.global_batch_size={args.prompts_per_step * args.group}",
         f"train.micro_batch_size={args.prompts_per_step * args.group}", "train.log_every=1",
         "train.tensorboard=false", f"optim.lr={args.lr}", "optim.weight_decay=0",
-        "schedule.kind=constant", "schedule.warmup_steps=0", "checkpoint.every=0",
+        "schedule.kind=constant", f"schedule.warmup_steps={args.warmup}", "checkpoint.every=0",
         "spikes.policy=none", f"grpo.init_from={sft_dir}", f"grpo.prompts={train_prompts(out)}", f"grpo.group_size={args.group}",
         f"grpo.max_completion_length={args.max_len}", f"grpo.system_prompt={SYSTEM}",
         "grpo.loss_type=grpo", "grpo.scale_rewards=group", "grpo.epsilon_high=0.28",
@@ -209,6 +214,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=24, help="completion tokens (GRPO and eval)")
     ap.add_argument("--lr", type=float, default=1e-4, help="GRPO learning rate")
+    ap.add_argument("--warmup", type=int, default=10,
+                    help="GRPO warmup steps (a fresh Adam's first full-size steps undo SFT)")  # fmt: skip
     ap.add_argument("--base-steps", type=int, default=150)
     ap.add_argument("--sft-steps", type=int, default=600)
     ap.add_argument("--sft-lr", type=float, default=2e-3)
