@@ -187,6 +187,7 @@ def grpo(out: Path, sft_dir: Path, seed: int, penalty: bool, args: argparse.Name
         f"train.global_batch_size={args.prompts_per_step * args.group}",
         f"train.micro_batch_size={args.prompts_per_step * args.group}", "train.log_every=1",
         "train.tensorboard=false", f"optim.lr={args.lr}", "optim.weight_decay=0",
+        f"optim.betas=[{args.betas[0]},{args.betas[1]}]",
         "schedule.kind=constant", f"schedule.warmup_steps={args.warmup}", "checkpoint.every=0",
         "spikes.policy=none", f"grpo.init_from={sft_dir}", f"grpo.prompts={train_prompts(out)}", f"grpo.group_size={args.group}",
         f"grpo.max_completion_length={args.max_len}", f"grpo.system_prompt={SYSTEM}",
@@ -214,6 +215,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=24, help="completion tokens (GRPO and eval)")
     ap.add_argument("--lr", type=float, default=1e-4, help="GRPO learning rate")
+    ap.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.95],
+                    help="GRPO's Adam betas; a beta1 near 1 averages the noisy gradient longer")  # fmt: skip
     ap.add_argument("--warmup", type=int, default=10,
                     help="GRPO warmup steps (a fresh Adam's first full-size steps undo SFT)")  # fmt: skip
     ap.add_argument("--base-steps", type=int, default=150)
@@ -290,6 +293,14 @@ def main() -> None:
         plot(results, out / "grpo_length.png")
 
 
+def smooth(xs: list[float], k: int) -> list[float]:
+    """Trailing mean over the last `k` values (one step's 32 samples are noisy)."""
+    return [
+        sum(xs[max(0, i - k + 1) : i + 1]) / len(xs[max(0, i - k + 1) : i + 1])
+        for i in range(len(xs))
+    ]
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -304,11 +315,12 @@ def plot(results: dict, path: Path) -> None:
         label = label if run["seed"] == min(v["seed"] for v in results["runs"].values()) else None
         axes[0].plot(steps, [c["completion_length"] for c in run["curve"]], color=color,
                      alpha=0.7, label=label)  # fmt: skip
-        axes[1].plot(steps, [c["accuracy"] for c in run["curve"]], color=color, alpha=0.7)
+        axes[1].plot(steps, smooth([c["accuracy"] for c in run["curve"]], 10), color=color,
+                     alpha=0.7)  # fmt: skip
     axes[0].set(xlabel="GRPO step", ylabel="mean completion length (tokens)",
                 title="completion length (sampled, per step)")  # fmt: skip
     axes[1].set(xlabel="GRPO step", ylabel="training accuracy (sampled)",
-                title="verifier accuracy of the step's samples")  # fmt: skip
+                title="accuracy of the step's samples (mean of 10 steps)")  # fmt: skip
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
