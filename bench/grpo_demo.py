@@ -1,17 +1,20 @@
 """GRPO demonstration on CPU: held-out arithmetic reward before and after RL, over seeds, with
 and without DAPO's soft overlong penalty.
 
-    python bench/grpo_demo.py OUT [--seeds 0 1 2] [--steps 40]
+    python bench/grpo_demo.py OUT [--seeds 0 1 2] [--steps 200] [--lr 1e-5] [--arms plain]
 
 1. base: a small model pretrained briefly on the stdlib corpus (its tokenizer has chat tokens);
-2. sft:  supervised fine-tuning on small-number word problems (a + b, a - b with a, b < 20;
-         one expression in five held out), assistant-only loss, with the SFT data path and loss
-         on the post-training loop (no-think replies "The answer is N.");
+2. sft:  supervised fine-tuning on a + b and a - b (a >= b) with a, b < --max-n (one expression
+         in six or so held out by hash), assistant-only loss, with the SFT data path and loss on
+         the post-training loop (no-think replies "The answer is N.");
 3. grpo: for each seed, `run_grpo` from the SFT model, plain and with the overlong penalty;
-4. held-out greedy reward (last_number verifier) on the held-out expressions before and after, paired by
-   seed (crucible.ablate.stats.paired_test), the completion-length curves in a plot, and
-   everything raw in OUT/results.json.
-Each phase is skipped when its output exists (re-running continues).
+4. held-out reward (last_number verifier) before and after, greedy and the mean of
+   --eval-samples sampled completions per problem (seeded by the run's seed), paired by seed
+   (crucible.ablate.stats.paired_test); the completion-length curves in a plot; everything raw,
+   with wall and process CPU seconds per phase, in OUT/results.json.
+Each phase is skipped when its output exists (re-running continues). One thread per process
+(--threads); the two arms can run as two processes (--arms plain / --arms penalty), and a last
+call with both arms reuses the runs and writes results.json and the plot.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ def base(out: Path, steps: int = 150, threads: int = 1) -> Path:
 
 
 SYSTEM = "/system_override Be brief."  # the template's verbatim system prompt: short rows
-MAX_N = 20  # numbers below it; --max-n changes it
-WORDING = "story"  # or "short" ("What is 7 + 5?"); --wording changes it
+MAX_N = 30  # numbers below it; --max-n changes it
+WORDING = "short"  # "What is 7 + 5?", or "story" (a word problem); --wording changes it
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo"]
 ITEMS = ["apples", "marbles", "books", "coins", "pencils", "shells", "cards"]
 
@@ -210,23 +213,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=60, help="GRPO steps per run")
+    ap.add_argument("--steps", type=int, default=200, help="GRPO steps per run")
     ap.add_argument("--prompts-per-step", type=int, default=4)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=24, help="completion tokens (GRPO and eval)")
-    ap.add_argument("--lr", type=float, default=1e-4, help="GRPO learning rate")
+    ap.add_argument("--lr", type=float, default=1e-5, help="GRPO learning rate")
     ap.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.95],
                     help="GRPO's Adam betas; a beta1 near 1 averages the noisy gradient longer")  # fmt: skip
     ap.add_argument("--warmup", type=int, default=10,
                     help="GRPO warmup steps (a fresh Adam's first full-size steps undo SFT)")  # fmt: skip
     ap.add_argument("--base-steps", type=int, default=150)
-    ap.add_argument("--sft-steps", type=int, default=600)
-    ap.add_argument("--sft-lr", type=float, default=2e-3)
+    ap.add_argument("--sft-steps", type=int, default=1500)
+    ap.add_argument("--sft-lr", type=float, default=1e-3)
     ap.add_argument("--sft-rows", type=int, default=4000, help="SFT conversations written")
     ap.add_argument("--heldout", type=int, default=100_000, help="at most this many problems")
     ap.add_argument("--eval-samples", type=int, default=8,
                     help="sampled completions per held-out problem (0: greedy only)")  # fmt: skip
-    ap.add_argument("--eval-splits", nargs="+", default=["test", "reworded"],
+    ap.add_argument("--eval-splits", nargs="+", default=["test"],
                     choices=["test", "reworded", "train"],
                     help="test: unseen sums; reworded: seen sums, unseen wording")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
@@ -236,8 +239,8 @@ def main() -> None:
         default=["plain", "penalty"],
         help="which arms to run (a second process can run the other one)",
     )
-    ap.add_argument("--max-n", type=int, default=20, help="problems use numbers below this")
-    ap.add_argument("--wording", choices=["story", "short"], default="story",
+    ap.add_argument("--max-n", type=int, default=30, help="problems use numbers below this")
+    ap.add_argument("--wording", choices=["story", "short"], default="short",
                     help="story: a word problem; short: 'What is a + b?'")  # fmt: skip
     ap.add_argument("--prep-only", action="store_true", help="stop after scoring the SFT model")
     args = ap.parse_args()
