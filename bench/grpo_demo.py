@@ -242,11 +242,15 @@ def main() -> None:
     ap.add_argument("--max-n", type=int, default=30, help="problems use numbers below this")
     ap.add_argument("--wording", choices=["story", "short"], default="short",
                     help="story: a word problem; short: 'What is a + b?'")  # fmt: skip
+    ap.add_argument("--merge", action="store_true",
+                    help="combine OUT/results-plain.json and results-penalty.json, then stop")  # fmt: skip
     ap.add_argument("--prep-only", action="store_true", help="stop after scoring the SFT model")
     args = ap.parse_args()
     global MAX_N, WORDING
     MAX_N, WORDING = args.max_n, args.wording
     out: Path = args.out
+    if args.merge:
+        return merge(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     clock = Clock()
@@ -281,19 +285,39 @@ def main() -> None:
             console.print(f"{r.name}: {after} ({c.read()})")
     results["grpo_time"] = grpo_clock.read()
     results["args"] = {k: str(v) for k, v in vars(args).items()}
-    for penalty in arms:
-        key = "penalty" if penalty else "plain"
-        arm = [v for v in results["runs"].values() if v["penalty"] == penalty]
+    finish(results, out, args.arms)
+
+
+def finish(results: dict, out: Path, arms: list[str]) -> None:
+    """Paired tests per arm and metric; results.json and the plot once both arms are in."""
+    for key in arms:
+        arm = [v for v in results["runs"].values() if v["penalty"] == (key == "penalty")]
         for metric in [k for k in arm[0] if k.endswith("_reward")]:
-            cmp = paired([before[v["seed"]][metric] for v in arm], [v[metric] for v in arm])
+            cmp = paired([results["before"][str(v["seed"])][metric] for v in arm],
+                         [v[metric] for v in arm])  # fmt: skip
             results[f"paired_{key}_{metric}"] = cmp
             console.print(f"{key} {metric}: change {cmp['mean_diff']:+.3f} (95% CI "
                           f"{cmp['ci_low']:+.3f} to {cmp['ci_high']:+.3f}, p={cmp['p']:.3g}, "
                           f"{cmp['verdict']})")  # fmt: skip
-    name = "results.json" if len(arms) == 2 else f"results-{args.arms[0]}.json"
+    name = "results.json" if len(arms) == 2 else f"results-{arms[0]}.json"
     (out / name).write_text(json.dumps(results, indent=1))
     if len(arms) == 2:
         plot(results, out / "grpo_length.png")
+
+
+def merge(out: Path) -> None:
+    """results.json from the two one-arm processes' files, without evaluating anything again."""
+    parts = {a: json.loads((out / f"results-{a}.json").read_text()) for a in ("plain", "penalty")}
+    if parts["plain"]["before"] != parts["penalty"]["before"]:
+        raise SystemExit(
+            "results-plain.json and results-penalty.json score the SFT model differently"
+        )
+    results = {**parts["plain"], "runs": {**parts["plain"]["runs"], **parts["penalty"]["runs"]}}
+    results["grpo_time_per_arm"] = {a: p["grpo_time"] for a, p in parts.items()}
+    results["grpo_time"] = {
+        k: sum(p["grpo_time"][k] for p in parts.values()) for k in ("wall_s", "cpu_s")
+    }
+    finish(results, out, ["plain", "penalty"])
 
 
 def smooth(xs: list[float], k: int) -> list[float]:
