@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -307,6 +308,11 @@ def finish(results: dict, out: Path, arms: list[str]) -> None:
 
 def merge(out: Path) -> None:
     """results.json from the two one-arm processes' files, without evaluating anything again."""
+    missing = [a for a in ("plain", "penalty") if not (out / f"results-{a}.json").exists()]
+    if missing:
+        print(f"--merge: {out}/results-{missing[0]}.json is missing (run --arms {missing[0]} first)",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
     parts = {a: json.loads((out / f"results-{a}.json").read_text()) for a in ("plain", "penalty")}
     if parts["plain"]["before"] != parts["penalty"]["before"]:
         raise SystemExit(
