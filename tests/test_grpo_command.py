@@ -109,3 +109,32 @@ def test_prompt_files_and_system_prompts(tmp_path):
     bad.write_text('{"prompt": "ok"}\n{"question": "no prompt"}\nnot json\n')
     with pytest.raises(ConfigError, match=r"2 lines without a JSON `prompt` \(lines 2, 3\)"):
         read_prompts(str(bad), think=False)
+
+
+def test_heldout_accuracy_greedy_and_seeded_samples(base):
+    import torch
+
+    from crucible.posttrain.grpo_run import Prompt, heldout_accuracy
+    from crucible.posttrain.rewards import last_number_reward
+
+    b = load_base(base)
+    model = b.build().eval()
+    prompter = ChatPrompter.from_tokenizer(load_tokenizer(b.tokenizer_path))
+    prompts = [Prompt(({"role": "user", "content": f"What is {i} + 1?"},), {"answer": str(i + 1)},
+                      {"enable_thinking": False}, f"p{i}") for i in range(3)]  # fmt: skip
+    ids = [prompter.prompt_ids(p.messages, p.template_kwargs) for p in prompts]
+
+    def by_hand(comps, n):  # completions are grouped by prompt: i // n is the prompt
+        hits = [last_number_reward(prompter.text(c), str(i // n + 1)) for i, c in enumerate(comps)]
+        return sum(hits) / len(hits), sum(map(len, comps)) / len(comps)
+
+    greedy = sample_completions(model, ids, 1, 6, prompter.stop_ids, prompter.pad_id,
+                                temperature=0.0)  # fmt: skip
+    assert heldout_accuracy(model, prompter, prompts, max_new_tokens=6) == by_hand(greedy, 1)
+    gen = torch.Generator().manual_seed(5)
+    sampled = sample_completions(model, ids, 4, 6, prompter.stop_ids, prompter.pad_id,
+                                 temperature=1.0, generator=gen)  # fmt: skip
+    got = heldout_accuracy(model, prompter, prompts, max_new_tokens=6, samples=4,
+                           temperature=1.0, seed=5)  # fmt: skip
+    assert got == by_hand(sampled, 4)
+    assert sampled != [c for c in greedy for _ in range(4)]  # really sampled, not greedy

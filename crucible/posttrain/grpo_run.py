@@ -326,12 +326,20 @@ def heldout_accuracy(
     prompts: list[Prompt],
     verifier: str = "last_number",
     max_new_tokens: int = 48,
+    *,
+    samples: int = 1,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> tuple[float, float]:
-    """(mean reward, mean completion length) of greedy completions of `prompts`."""
+    """(mean reward, mean completion length) of `samples` completions of each of `prompts`:
+    greedy at temperature 0, else sampled from a generator seeded by `seed` (so two models
+    evaluated with one seed are compared on common random numbers)."""
     ids = [prompter.prompt_ids(p.messages, p.template_kwargs) for p in prompts]
-    comps = sample_completions(model, ids, 1, max_new_tokens, prompter.stop_ids, prompter.pad_id,
-                               temperature=0.0)  # fmt: skip
+    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    comps = sample_completions(model, ids, samples, max_new_tokens, prompter.stop_ids,
+                               prompter.pad_id, temperature=temperature, generator=gen)  # fmt: skip
     fn = get_verifier(verifier)
-    rewards = score_completions(fn, [prompter.text(c) for c in comps], [p.columns for p in prompts])
+    columns = [p.columns for p in prompts for _ in range(samples)]
+    rewards = score_completions(fn, [prompter.text(c) for c in comps], columns)
     vals = [r.reward or 0.0 for r in rewards]
     return sum(vals) / len(vals), sum(len(c) for c in comps) / len(comps)
