@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from crucible.ablate.stats import paired_test
+from crucible.atomic import write_text_atomic
 from crucible.config import load_config
 from crucible.data.corpora import split_of
 from crucible.posttrain.conversations import Conversation, Message, write_jsonl
@@ -150,9 +150,7 @@ def evaluate(run_dir: Path, args: argparse.Namespace, seed: int) -> dict[str, fl
     for split in args.eval_splits:
         path = args.out / f"heldout-{split}.jsonl"
         if not path.exists():  # two processes (one per arm) may get here: write, then rename
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text("".join(json.dumps(p) + "\n" for p in problems(split)))
-            tmp.replace(path)
+            write_text_atomic(path, "".join(json.dumps(p) + "\n" for p in problems(split)))
         prompts = with_system(read_prompts(str(path), think=False), SYSTEM)[: args.heldout]
         reward, length = heldout_accuracy(model, prompter, prompts, max_new_tokens=args.max_len)
         out |= {f"{split}_reward": reward, f"{split}_length": length}
@@ -175,9 +173,8 @@ class Clock:
 
 def train_prompts(out: Path) -> Path:
     path = out / "grpo_prompts.jsonl"
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # rename: the other arm's process may be reading
-    tmp.write_text("".join(json.dumps(p) + "\n" for p in problems("train")))
-    tmp.replace(path)
+    # write, then rename: the other arm's process may be reading
+    write_text_atomic(path, "".join(json.dumps(p) + "\n" for p in problems("train")))
     return path
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crucible.config import ModelConfig
+from crucible.model.norm import RMSNorm
 
 if TYPE_CHECKING:
     from crucible.model.attention import KVCache
@@ -183,22 +184,11 @@ def _fla_gated_delta_rule(
     return o.view(B, T, *o.shape[2:]), s[-B:]  # unused: doc masking refuses a cache
 
 
-class GatedRMSNorm(nn.Module):
+class GatedRMSNorm(RMSNorm):
     """RMSNorm of each head's output, times silu(z) (transformers' Qwen3NextRMSNormGated)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-    def forward(self, x: Tensor, z: Tensor) -> Tensor:
-        dtype = x.dtype
-        xf = _up(x)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf.to(dtype) * F.silu(_up(z))).to(dtype)
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:  # type: ignore[override]
+        return (super().forward(x) * F.silu(_up(z))).to(x.dtype)
 
 
 class GatedDeltaNet(nn.Module):

@@ -43,7 +43,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        if cfg.is_linear(layer_idx):
+        self.is_linear = cfg.is_linear(layer_idx)  # a plain flag: no attribute probe per step
+        if self.is_linear:
             self.linear_attn = GatedDeltaNet(cfg, layer_idx)
         else:
             self.self_attn = Attention(cfg, layer_idx)
@@ -62,7 +63,7 @@ class Block(nn.Module):
         """Returns the new residual stream and the MoE layer's auxiliary losses (or {}).
         starts [B, T]: document starts, where a linear layer resets its state (doc masking)."""
         h = self.input_layernorm(x)
-        if hasattr(self, "linear_attn"):
+        if self.is_linear:
             x = x + self.linear_attn(h, cache, starts)
         else:
             x = x + self.self_attn(h, cos, sin, mask, cache)

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from crucible.atomic import write_text_atomic
 from crucible.config import ConfigError, load_config
 from crucible.posttrain.recipe_config import (
     ChatDataStage,
@@ -331,9 +332,7 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
 
 def _write_marker(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def _clear(plan: Plan, name: str) -> None:

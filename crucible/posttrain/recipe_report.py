@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from crucible.atomic import write_text_atomic
+
 if TYPE_CHECKING:
     from crucible.posttrain.recipe import Plan
 
@@ -125,7 +127,7 @@ def write_report(plan: Plan, markers: dict[str, dict[str, Any]]) -> list[Path]:
             "stages": [{"name": s.name, "kind": s.kind, **{k: markers[s.name].get(k)
                         for k in ("argv", "seconds", "finished")}} for s in plan.stages],
             "evaluated": rows}  # fmt: skip
-    _atomic(out / "stages.json", json.dumps(data, indent=1) + "\n")
+    write_text_atomic(out / "stages.json", json.dumps(data, indent=1) + "\n")
     ev = plan.recipe.eval
     from crucible.posttrain.recipe_config import substitute
 
@@ -146,11 +148,5 @@ def write_report(plan: Plan, markers: dict[str, dict[str, Any]]) -> list[Path]:
         files = [out / "stages.json", out / "report.md", plot(rows, out / "stages.png")]
     else:
         files = [out / "stages.json", out / "report.md"]
-    _atomic(out / "report.md", "\n".join(lines))
+    write_text_atomic(out / "report.md", "\n".join(lines))
     return files
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -6,6 +6,7 @@ import html
 import json
 from pathlib import Path
 
+from crucible.atomic import write_text_atomic
 from crucible.train.metrics import read_metrics
 
 
@@ -75,16 +76,10 @@ def write_run_report(
     ]
     md = "\n".join(lines)
     md_path = run_dir / "report.md"
-    _write_atomic(md_path, md)
+    write_text_atomic(md_path, md)
     html_path = run_dir / "report.html"
-    _write_atomic(html_path, markdown_to_html(md, run_dir.name))
+    write_text_atomic(html_path, markdown_to_html(md, run_dir.name))
     return md_path, html_path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def incident_lines(run_dir: Path) -> list[str]:

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from crucible.atomic import write_text_atomic
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|begin_of_text|>"
@@ -38,12 +40,6 @@ def round_up(n: int, multiple: int) -> int:
 def _resolve_out(out_path: str | os.PathLike[str]) -> Path:
     p = Path(out_path)
     return p / "tokenizer.json" if p.suffix != ".json" else p
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def train_tokenizer(
@@ -107,7 +103,7 @@ def train_tokenizer(
 
     out = _resolve_out(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out, tok.to_str(pretty=False))
+    write_text_atomic(out, tok.to_str(pretty=False))
     if out.name == "tokenizer.json":
         # Lets `AutoTokenizer.from_pretrained(dir)` load it with the right special tokens.
         hf_config = {
@@ -118,7 +114,7 @@ def train_tokenizer(
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
         }
-        _atomic_write_text(out.with_name("tokenizer_config.json"), json.dumps(hf_config, indent=2))
+        write_text_atomic(out.with_name("tokenizer_config.json"), json.dumps(hf_config, indent=2))
     return out
 
 
