@@ -4,7 +4,7 @@ Both models come from bench/cpu_speedrun.py (matched sizes, the optimizers each 
 with). One process, interleaved steps on the same random batch; tokens/s from the median step in
 wall time and from process CPU time (robust to other processes when running one thread).
 
-    python bench/cpu_step.py --threads 1,2 --modes eager,compiled
+    python bench/cpu_step.py --threads 1,2 --modes eager,compiled --repeat 5
     python bench/cpu_step.py --profile ours --threads 1     # op-by-op table of our step
 """
 
@@ -58,6 +58,13 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure each cell this many times; the summary row is the median ratio "
+        "(the ratio moves by several %% between runs on a shared VM)",
+    )
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--set", action="append", default=[], help="override of tiny for ours")
     ap.add_argument("--profile", choices=["ours", "nanogpt"], default=None)
@@ -88,16 +95,30 @@ def main() -> None:
     print("| threads | mode | ours tok/s (wall) | nanogpt tok/s (wall) | ratio (wall) "
           "| ours tok/s (CPU) | nanogpt tok/s (CPU) | ratio (CPU) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
+    summary: list[tuple[int, str, list[tuple[float, float]]]] = []
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         for mode in args.modes.split(","):
             compiled = mode == "compiled"
             arms = [build_ours("ours", cfg, compiled), build_gpt2(cfg, compiled)]
             arms[0].model.loss_chunk_rows = args.ce_chunk
-            r = measure(arms, xy, amp, args.steps, args.warmup)
-            (ow, oc), (nw, nc) = r["ours"], r["nanogpt"]
-            print(f"| {threads} | {mode} | {ow:,.0f} | {nw:,.0f} | {ow / nw:.2f}x | {oc:,.0f} | "
-                  f"{nc:,.0f} | {oc / nc:.2f}x |", flush=True)  # fmt: skip
+            ratios = []
+            for _ in range(args.repeat):
+                r = measure(arms, xy, amp, args.steps, args.warmup)
+                (ow, oc), (nw, nc) = r["ours"], r["nanogpt"]
+                ratios.append((ow / nw, oc / nc))
+                print(f"| {threads} | {mode} | {ow:,.0f} | {nw:,.0f} | {ow / nw:.2f}x | {oc:,.0f} | "
+                      f"{nc:,.0f} | {oc / nc:.2f}x |", flush=True)  # fmt: skip
+            summary.append((threads, mode, ratios))
+    if args.repeat > 1:
+        print(
+            "\n| threads | mode | runs | median ratio (wall) | range | median ratio (CPU) | range |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for threads, mode, ratios in summary:
+            w, c = [r[0] for r in ratios], [r[1] for r in ratios]
+            print(f"| {threads} | {mode} | {len(ratios)} | {statistics.median(w):.2f}x | "
+                  f"{min(w):.2f}-{max(w):.2f} | {statistics.median(c):.2f}x | {min(c):.2f}-{max(c):.2f} |")  # fmt: skip
     print(f"# load average at end {os.getloadavg()}")
 
 

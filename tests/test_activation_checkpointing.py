@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from crucible.config import load_config
 from crucible.model import Transformer
+from crucible.model.loss import default_chunk_rows
 from crucible.plan.memory import Layout, activations, estimate_memory
 from crucible.train.activation_checkpointing import apply_activation_checkpointing
 
@@ -56,16 +57,11 @@ def _kept_after_forward(cfg, mode: str, every: int) -> tuple[int, int]:
     weight_shapes = {s for p in model.parameters() if p.ndim == 2 for s in (p.shape, p.T.shape)}
     x = torch.randint(0, cfg.vocab_size, (BATCH, SEQ))
     track = _Track()
-    # The planner models the loss head's default chunking (one chunk here). On one CPU thread
-    # the loss switches to 256-row chunks (crucible.model.loss.default_chunk_rows), which keep
-    # ~0.5 MB less: measure the path the planner models, whatever thread count pytest runs with.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
-    try:
-        with track, torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x, targets=x)
-    finally:
-        torch.set_num_threads(threads)
+    # The planner models the loss head's default chunking (one chunk here); on CPU the loss
+    # uses 256-row chunks (crucible.model.loss.default_chunk_rows), which keep ~0.5 MB less.
+    model.loss_chunk_rows = default_chunk_rows(cfg.vocab_size)
+    with track, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, targets=x)
     gc.collect()
     acts = copies = 0
     for ref, shape, dtype, nbytes in track.refs.values():

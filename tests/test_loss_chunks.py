@@ -7,22 +7,13 @@ from crucible.model.loss import default_chunk_rows, linear_cross_entropy
 
 
 def test_cpu_small_vocab_uses_cache_sized_chunks_and_large_vocab_is_unchanged() -> None:
-    assert default_chunk_rows(4096, "cpu", threads=1) == 256
-    assert default_chunk_rows(4096, "cpu", threads=2) == default_chunk_rows(4096, "cuda") == 16384
+    assert default_chunk_rows(4096, "cpu") == 256
+    assert default_chunk_rows(4096, "cuda") == 16384
     # The published presets' vocabulary gets the same chunks on every device.
     assert default_chunk_rows(128256, "cpu") == default_chunk_rows(128256, "cuda") == 2048
 
 
 def test_default_cpu_chunks_match_plain_cross_entropy() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the small chunks apply
-    try:
-        _check_against_plain_cross_entropy()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _check_against_plain_cross_entropy() -> None:
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(600, 32, generator=gen, requires_grad=True)  # 600 rows: 3 chunks, one ragged
     w = (torch.randn(1000, 32, generator=gen) * 0.1).requires_grad_()

@@ -214,11 +214,17 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     """q [B, H, Tq, D], k/v [B, Hkv, Tk, D] -> [B, H, Tq, D]."""
     # is_causal aligns the triangle to the top-left, which is only right for Tq == Tk.
     causal = mask.dense is None and mask.causal and q.shape[2] == k.shape[2] and q.shape[2] > 1
-    if k.shape[1] != q.shape[1] and mask.dense is None and q.is_cuda and q.dtype != torch.float32:
-        # The flash kernel shares kv heads across query groups natively.
+    if (
+        k.shape[1] != q.shape[1]
+        and mask.dense is None
+        and (q.device.type == "cpu" or (q.is_cuda and q.dtype != torch.float32))
+    ):
+        # The flash kernels (CUDA bf16/fp16, and CPU in any dtype) share kv heads across query
+        # groups natively: no repeated k/v, and on CPU 10-25% faster attention fwd+bwd at tiny's
+        # shape (docs/benchmarks.md, "CPU speedrun").
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
     if k.shape[1] != q.shape[1]:
-        # Elsewhere repeat the kv heads: the memory-efficient and CPU kernels (and fp32 inputs,
+        # Elsewhere repeat the kv heads: the memory-efficient kernel (and fp32 inputs on CUDA,
         # which flash rejects) would otherwise fall back to the slow math path.
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)

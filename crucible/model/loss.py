@@ -25,24 +25,23 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-# On one CPU thread, vocabularies up to this size use CPU_SMALL_VOCAB_ROWS rows per chunk.
+# On CPU, vocabularies up to this size use CPU_SMALL_VOCAB_ROWS rows per chunk.
 CPU_SMALL_VOCAB = 32768
 CPU_SMALL_VOCAB_ROWS = 256
 
 
-def default_chunk_rows(vocab_size: int, device_type: str = "cuda", threads: int = 1) -> int:
+def default_chunk_rows(vocab_size: int, device_type: str = "cuda") -> int:
     """About 2^28 logits (1 GiB in fp32) per chunk, in whole multiples of 256 rows.
 
     Few, large chunks matter: every chunk adds a [V, D] product into the fp32 weight gradient,
     and tile-aligned row counts keep the matmuls at full speed.
 
-    On one CPU thread with a small vocabulary the elementwise passes over each chunk's logits
-    (softmax, gradient) cost more than the matmuls, and they run about twice as fast when the
-    chunk (256 rows x V <= 32768) stays in cache, while the extra [V, D] additions are small.
-    With more threads the many small parallel regions lost on a busy 2-core machine, so they
-    keep the large chunks (docs/benchmarks.md, "CPU speedrun").
+    On CPU with a small vocabulary the elementwise passes over each chunk's logits (softmax,
+    gradient) cost more than the matmuls, and they run about twice as fast when the chunk
+    (256 rows x V <= 32768) stays in cache, while the extra [V, D] additions are small. Measured
+    on 1 and 2 threads (docs/benchmarks.md, "CPU speedrun").
     """
-    if device_type == "cpu" and threads == 1 and vocab_size <= CPU_SMALL_VOCAB:
+    if device_type == "cpu" and vocab_size <= CPU_SMALL_VOCAB:
         return CPU_SMALL_VOCAB_ROWS
     return max(256, min(16384, ((1 << 28) // vocab_size) // 256 * 256))
 
@@ -133,7 +132,7 @@ def linear_cross_entropy(
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    chunk = chunk_rows or default_chunk_rows(w.shape[0], w.device.type, torch.get_num_threads())
+    chunk = chunk_rows or default_chunk_rows(w.shape[0], w.device.type)
     # Compiled code fuses the elementwise passes itself: the small CPU chunks are for eager mode.
     one_chunk = h.shape[0] <= (chunk_rows or default_chunk_rows(w.shape[0]))
     n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1).float()

@@ -127,9 +127,9 @@ def activation_tensors(
     gate, up, silu(gate) and the product.
     autocast (crucible's engine, checked against autograd's saved tensors in the tests): the
     residual stream is fp32, so each RMSNorm keeps an fp32 input and an fp32 normalised value,
-    and every projection keeps its own bf16 cast of its input (3 after the attention norm, 2
-    after the MLP norm); the attention output is kept in SDPA's layout and again as the
-    contiguous input of the output projection.
+    and its output is cast to bf16 once for all the projections that read it
+    (`crucible.model.transformer.autocast_input`); SDPA returns its output in the
+    [tokens, heads x head_dim] layout, so the output projection reads it without a copy.
     selective: silu(gate) and the product are recomputed in backward from gate and up (a few %
     more FLOPs); under autocast the down projection's input cast goes too, as it is recomputed.
     full: only the block input is kept; the block is re-run in backward.
@@ -140,10 +140,10 @@ def activation_tensors(
     if recompute == "full":
         return {"block input": (4 if auto else a) * h}
     t = {
-        "attention norm": (8 * h + 3 * a * h) if auto else 2 * a * h,
+        "attention norm": (8 * h + a * h) if auto else 2 * a * h,
         "q, k, v after RoPE": a * (q + 2 * kv),
-        "attention output + logsumexp": (2 if auto else 1) * a * q + 4 * cfg.num_heads,
-        "MLP norm": (8 * h + 2 * a * h) if auto else 2 * a * h,
+        "attention output + logsumexp": a * q + 4 * cfg.num_heads,
+        "MLP norm": (8 * h + a * h) if auto else 2 * a * h,
         "gate and up projections": a * 2 * i,
     }
     if recompute == "none":
