@@ -96,6 +96,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             generator=gen,
+            token_healing=args.token_healing,
         )
         print(args.prompt + text)
         if i < args.num_samples - 1:
@@ -273,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="step_N directory (default: latest)")
+    p.add_argument(
+        "--no-token-healing",
+        dest="token_healing",
+        action="store_false",
+        help="feed the prompt's tokens as they are; by default the last token is re-chosen "
+        "by the model among tokens that extend its text, so a prompt ending in a space "
+        "('def ') continues like training text ('def main') instead of after a bare space",
+    )
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(

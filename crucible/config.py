@@ -197,6 +197,12 @@ class ModelConfig(_Strict):
     attention_bias: bool = False
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
+    zero_init_residual: bool = Field(
+        False,
+        description="Start each block's output projections (attention o_proj / the linear "
+        "layer's out_proj, MLP down_proj) at zero, so every block starts as the identity "
+        "(modded-nanoGPT's init). Training only: exports are unchanged.",
+    )
     z_loss: float = Field(0.0, ge=0, description="Coefficient of the z-loss (logsumexp^2).")
     moe: MoEConfig | None = Field(
         None, description="Mixture-of-experts MLPs (see MoEConfig); null: dense SwiGLU MLPs."

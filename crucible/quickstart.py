@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from crucible.config import ConfigError, load_config
+from crucible.evaluate.code_shape import PythonShape, cut_function, shape_summary
 from crucible.model import export_hf, generate_text
 from crucible.pretrain import run_pretraining
 from crucible.report.plots import plot_loss_curve
@@ -23,18 +24,25 @@ from crucible.train.metrics import console, format_duration
 
 # The winning CPU recipe (tiny + Muon): see the preset file for the measurements behind it.
 QUICKSTART_PRESET = "tiny-muon"
-SAMPLE_PROMPTS = ("def ", "import os\n", "The ")
+# Three functions sampled from "def ", each cut where its body ends (the next line at column 0).
+# Temperature and budget: measured over 60 samples of a quickstart model (docs/quickstart.md).
+SAMPLE_PROMPT, NUM_SAMPLES = "def ", 3
+SAMPLE_TEMPERATURE, SAMPLE_TOP_K, SAMPLE_MAX_TOKENS = 0.8, 50, 96
 MARKER = ".crucible-quickstart"
 
 
-def sample_texts(model, tokenizer, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 48, seed: int = 0):
+def sample_functions(
+    model, tokenizer, n: int = NUM_SAMPLES, seed: int = 0, **sampling
+) -> list[tuple[str, str]]:
+    """(prompt, continuation) pairs from `def `, each continuation cut at the function's end."""
     gen = torch.Generator().manual_seed(seed)
-    eos = eos_id(tokenizer)
+    opts = dict(temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K, generator=gen) | sampling
+    eos, p = eos_id(tokenizer), SAMPLE_PROMPT
+    budget = opts.pop("max_new_tokens", SAMPLE_MAX_TOKENS)
     return [
-        (p, generate_text(model, tokenizer, p, max_new_tokens, eos, temperature=0.8, top_k=50,
-                          generator=gen))
-        for p in prompts
-    ]  # fmt: skip
+        (p, cut_function(p + generate_text(model, tokenizer, p, budget, eos, **opts))[len(p) :])
+        for _ in range(n)
+    ]
 
 
 def check_hf_export(ours: torch.nn.Module, hf_dir: Path) -> float:
@@ -135,16 +143,24 @@ def _quickstart_base(overrides: list[str] | None, out_dir: str, chat: bool) -> P
     _restore(run_dir, previous, failed=False)
     console.rule("[bold]5. samples (KV-cache generation)")
     model, _, _ = load_run_model(run_dir)  # the final checkpoint, read back as a user would
-    samples = sample_texts(model, load_tokenizer(result.tokenizer_path))
-    for prompt, text in samples:
-        console.print(f"[bold]{prompt!r}[/] -> {prompt + text!r}")
+    samples = sample_functions(model, load_tokenizer(result.tokenizer_path))
+    for i, (prompt, text) in enumerate(samples, 1):
+        console.print(f"[bold]sample {i}[/]", highlight=False)
+        console.print(prompt + text, markup=False, highlight=False)
+    shapes = [PythonShape.of(p + t) for p, t in samples]
+    console.print(f"Python shape of the samples: {shape_summary(shapes)}")
     console.rule("[bold]6. Hugging Face export, reloaded by transformers")
     hf_dir = export_hf(model, run_dir / "hf", tokenizer_path=str(result.tokenizer_path))
     diff = check_hf_export(model, hf_dir)
     console.print(f"transformers reloaded {hf_dir}: max |logit difference| {diff:.2e}")
     plot = plot_loss_curve(run_dir)
     md, html = write_run_report(
-        run_dir, samples, extra={"HF export max logit difference vs ours": f"{diff:.2e}"}
+        run_dir,
+        samples,
+        extra={
+            "samples' Python shape": shape_summary(shapes),
+            "HF export max logit difference vs ours": f"{diff:.2e}",
+        },
     )
     val = result.val or {}
     console.rule("[bold]done")

@@ -7,6 +7,7 @@ import torch
 
 from crucible.config import ModelConfig
 from crucible.model import Transformer, generate, generate_text
+from crucible.model.generate import heal_prompt
 
 CFG = ModelConfig(
     vocab_size=53,
@@ -89,9 +90,55 @@ def test_generate_text_decodes_new_tokens_and_empty_prompt_starts_a_document():
     torch.manual_seed(0)
     model = Transformer(CFG).eval()
     greedy = {"temperature": 0.0}
-    text = generate_text(model, CharTok(), "ab", 5, None, **greedy)
+    text = generate_text(model, CharTok(), "ab", 5, None, token_healing=False, **greedy)
     assert text == ",".join(
         map(str, generate(model, [97 % CFG.vocab_size, 98 % CFG.vocab_size], 5, **greedy))
     )
-    empty = generate_text(model, CharTok(), "", 4, 7, **greedy)  # starts from EOS id 7
+    empty = generate_text(
+        model, CharTok(), "", 4, 7, token_healing=False, **greedy
+    )  # starts from EOS id 7
     assert empty == ",".join(map(str, generate(model, [7], 4, eos_token_id=7, **greedy)))
+
+
+def _byte_bpe(vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["def main():\n    return max(a, b)\n", "def mean(xs):\n    return sum(xs)\n"] * 50
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(text, trainer)
+    return tok
+
+
+def test_token_healing_backs_off_a_trailing_space_and_keeps_the_text_round_trip():
+    tok = _byte_bpe()
+    ids = tok.encode("def ").ids
+    assert [tok.decode([i]) for i in ids] == ["def", " "]  # the bare space the model never saw
+    healed, tail, allowed = heal_prompt(tok, ids)
+    assert healed == tok.encode("def").ids and tail == " "
+    texts = [tok.decode([i]) for i in range(tok.get_vocab_size())]
+    assert sorted(allowed.tolist()) == [i for i, t in enumerate(texts) if t.startswith(" ")]
+    assert tok.token_to_id("Ġmain") in allowed.tolist()  # " main" is a candidate
+
+    cfg = CFG.model_copy(update={"vocab_size": tok.get_vocab_size()})
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        text = generate_text(model, tok, "def ", 6, None, temperature=1.0, generator=gen)
+        # The first new token re-chose the space: the prompt is still a prefix of what the
+        # tokens decode to, and the returned text is what follows it.
+        gen = torch.Generator().manual_seed(seed)
+        new = generate(model, healed, 6, temperature=1.0, generator=gen, first_allowed=allowed)
+        assert texts[new[0]].startswith(" ")
+        assert "def " + text == tok.decode(healed + new)
+
+
+def test_token_healing_leaves_single_token_and_special_endings_alone():
+    tok = _byte_bpe()
+    one = tok.encode("def").ids
+    assert heal_prompt(tok, one) == (one, "", None)

@@ -241,3 +241,26 @@ def test_kv_cache_matches_full_forward(overrides: dict) -> None:
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         model(x[:, :1], cache=cache)  # the cache is full
+
+
+@pytest.mark.parametrize("extra", [{}, {"linear_attention": {"pattern": ["linear", "full"]}}])
+def test_zero_init_residual_makes_every_block_the_identity(extra):
+    if extra:
+        extra = {**extra, "num_layers": 4}
+    model = make(zero_init_residual=True, **extra)
+    plain = make(**extra)
+    x = ids(2, 16)
+    with torch.no_grad():
+        # Each block adds zero to the residual stream: logits = head(final_norm(embedding)).
+        expected = F.linear(model.norm(model.embed(x)), model.embed.weight)
+        torch.testing.assert_close(model(x).logits, expected)
+    zeroed = {n for n, p in model.named_parameters() if not p.any()}
+    assert zeroed and all(n.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight"))
+                          for n in zeroed)  # fmt: skip
+    # Everything else is drawn exactly as without the option.
+    for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters(), strict=True):
+        if n not in zeroed:
+            assert torch.equal(p, q), n
+    # It trains: output projections get gradients at once, the rest from the second step.
+    model(x, targets=x).loss.backward()
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in zeroed)

@@ -47,6 +47,7 @@ def test_quickstart_outputs(quick_run: Path):
     report = (quick_run / "report.md").read_text()
     assert "bits-per-byte" in report and "## Samples" in report
     assert "## In-loop evaluation" in report  # eval.at_end runs the early-signal tasks
+    assert "Python shape" in report and "parses" in report  # the samples from `def `
     assert (quick_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 

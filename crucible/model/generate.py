@@ -54,11 +54,13 @@ def generate_stream(
     eos_token_id: int | Iterable[int] | None = None,
     generator: torch.Generator | None = None,
     cancel: CancelFlag | None = None,
+    first_allowed: Tensor | None = None,
 ) -> Iterator[int]:
     """Yield new tokens one at a time (see `generate`); stops early once `cancel` is set.
 
     The flag is checked before every forward pass, so a cancelled generation costs at most the
-    one token in flight.
+    one token in flight. `first_allowed` (token ids) restricts the first new token to that set
+    (token healing, `generate_text`).
     """
     prompt = prompt_ids.flatten().tolist() if isinstance(prompt_ids, Tensor) else list(prompt_ids)
     if not prompt:
@@ -77,8 +79,12 @@ def generate_stream(
     for n in range(1, budget + 1):
         if cancel is not None and cancel.is_set():
             return
-        logits = model(ids, cache=cache, logits_to_keep=1).logits
-        token = _sample(logits[0, -1], temperature, top_k, top_p, generator)
+        logits = model(ids, cache=cache, logits_to_keep=1).logits[0, -1]
+        if n == 1 and first_allowed is not None:
+            keep = torch.full_like(logits, float("-inf"))
+            keep[first_allowed.to(logits.device)] = 0.0
+            logits = logits + keep
+        token = _sample(logits, temperature, top_k, top_p, generator)
         yield token
         # The last token needs no forward pass of its own: nothing would read its logits.
         if token in stop or n == budget:
@@ -95,6 +101,7 @@ def generate(
     top_p: float | None = None,
     eos_token_id: int | Iterable[int] | None = None,
     generator: torch.Generator | None = None,
+    first_allowed: Tensor | None = None,
 ) -> list[int]:
     """Continue one prompt; return only the new tokens.
 
@@ -103,9 +110,49 @@ def generate(
     """
     return list(
         generate_stream(
-            model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator
+            model,
+            prompt_ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            generator,
+            first_allowed=first_allowed,
         )
     )
+
+
+_TOKEN_TEXTS: dict[int, tuple[object, list[str]]] = {}
+
+
+def token_texts(tokenizer) -> list[str]:
+    """The decoded text of every token id (cached per tokenizer object)."""
+    hit = _TOKEN_TEXTS.get(id(tokenizer))
+    if hit is None or hit[0] is not tokenizer:
+        texts = tokenizer.decode_batch([[i] for i in range(tokenizer.get_vocab_size())])
+        hit = _TOKEN_TEXTS[id(tokenizer)] = (tokenizer, texts)
+    return hit[1]  # type: ignore[return-value]
+
+
+def heal_prompt(tokenizer, ids: list[int]) -> tuple[list[int], str, Tensor | None]:
+    """Token healing: drop the prompt's last token and allow only continuations of its text.
+
+    A prompt ending in "def " tokenises as ["def", " "], but in training text the space belongs
+    to the next word's token (" main"), so a model continuing after a bare " " token is off its
+    distribution (the quickstart printed "def  DA"). Backing off one token and requiring the first
+    new token to start with the removed text (" ") lets the model pick " main" itself. Returns
+    (prompt ids, the removed text, allowed first tokens), or the ids unchanged with no constraint
+    when the last token is special or not whole UTF-8.
+    """
+    if len(ids) < 2:
+        return ids, "", None
+    tail = tokenizer.decode([ids[-1]])
+    if not tail or "\ufffd" in tail:
+        return ids, "", None
+    texts = token_texts(tokenizer)
+    allowed = [i for i, t in enumerate(texts) if t.startswith(tail)]
+    return ids[:-1], tail, torch.tensor(allowed, dtype=torch.long)
 
 
 def generate_text(
@@ -114,12 +161,19 @@ def generate_text(
     prompt: str,
     max_new_tokens: int,
     eos_token_id: int | None = None,
+    token_healing: bool = True,
     **sampling,
 ) -> str:
     """Continue `prompt` with a `tokenizers.Tokenizer`; return only the new text.
 
     An empty prompt starts a new document (the EOS token, which also separates documents).
+    With `token_healing` (default) the prompt's last token is re-chosen by the model among the
+    tokens that extend its text (`heal_prompt`); the returned text still starts after `prompt`.
     """
     ids = tokenizer.encode(prompt).ids or [eos_token_id if eos_token_id is not None else 0]
-    new = generate(model, ids, max_new_tokens, eos_token_id=eos_token_id, **sampling)
-    return tokenizer.decode(new)
+    tail, allowed = "", None
+    if token_healing:
+        ids, tail, allowed = heal_prompt(tokenizer, ids)
+    new = generate(model, ids, max_new_tokens, eos_token_id=eos_token_id,
+                   first_allowed=allowed, **sampling)  # fmt: skip
+    return tokenizer.decode(new)[len(tail) :]

@@ -125,7 +125,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """N(0, init_std) for embedding and linear weights, zero biases, unit norm gains."""
+        """N(0, init_std) for embedding and linear weights, zero biases, unit norm gains
+        (and zero output projections with `zero_init_residual`)."""
         std = self.cfg.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -142,6 +143,12 @@ class Transformer(nn.Module):
                 module.reset_buffers()
             elif isinstance(module, GatedDeltaNet):
                 module.reset_parameters()
+        if self.cfg.zero_init_residual:
+            for block in self.layers:
+                out = block.linear_attn.out_proj if block.is_linear else block.self_attn.o_proj
+                nn.init.zeros_(out.weight)
+                if isinstance(block.mlp, MLP):  # MoE experts keep their init
+                    nn.init.zeros_(block.mlp.down_proj.weight)
         self.init_buffers()
 
     @torch.no_grad()

@@ -43,7 +43,7 @@ from crucible.train.state import Run
 from crucible.train.step import Loss
 
 # Model settings an SFT run may change relative to its base (they change no weight's shape).
-MAY_CHANGE = ("max_seq_len", "doc_masking", "z_loss", "init_std")
+MAY_CHANGE = ("max_seq_len", "doc_masking", "z_loss", "init_std", "zero_init_residual")
 
 
 # --------------------------------------------------------------------------- the base model
