@@ -2,8 +2,8 @@
 
 For each setting it draws N functions the way the quickstart does (`sample_functions`: cut at
 the next top-level line) and counts the shape checks of crucible/evaluate/code_shape.py:
-indented body, `return`, balanced brackets, parses as Python; plus how many started with the
-double space a bare trailing-space token produces ("def  x").
+`def name(` signature, indented body, `return`, balanced brackets, parses as Python; plus how
+many started with the double space a bare trailing-space token produces ("def  x").
 
     python bench/sample_shape.py runs/quickstart --n 60 --temperatures 0.6,0.8,1.0
 """
@@ -37,9 +37,9 @@ def main() -> None:
     tok = load_tokenizer(args.run_dir / "tokenizer.json")
     print(f"# {ckpt}, {args.n} samples per row, seed 0, top-k 50, torch {torch.__version__}, "
           f"{os.cpu_count()} cores")  # fmt: skip
-    print("| token healing | temperature | max new tokens | indented | return | balanced brackets "
-          "| parses | starts 'def  ' |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("| token healing | temperature | max new tokens | signature | indented | return "
+          "| balanced brackets | parses | starts 'def  ' |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for heal in args.healing.split(","):
         for budget in [int(b) for b in args.max_new_tokens.split(",")]:
             for temp in [float(t) for t in args.temperatures.split(",")]:
@@ -51,7 +51,7 @@ def main() -> None:
                     return f"{100 * sum(getattr(s, field) for s in shapes) / len(shapes):.0f}%"
 
                 double = sum(t.startswith(" ") for _, t in samples) / len(samples)
-                print(f"| {heal} | {temp} | {budget} | {pct('indented')} | {pct('has_return')} | "
+                print(f"| {heal} | {temp} | {budget} | {pct('signature')} | {pct('indented')} | {pct('has_return')} | "
                       f"{pct('balanced')} | {pct('parses')} | {100 * double:.0f}% |", flush=True)  # fmt: skip
 
 

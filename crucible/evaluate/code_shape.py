@@ -15,13 +15,21 @@ from dataclasses import dataclass
 # "\ndef", "\nclass", "\nif", "\nprint", ... are special cases of this).
 _TOP_LEVEL = re.compile(r"\n(?=\S)")
 _RETURN = re.compile(r"\breturn\b")
+_SIGNATURE = re.compile(r"def [A-Za-z_]\w*\(")
 _PAIRS = {")": "(", "]": "[", "}": "{"}
 
 
 def cut_function(text: str) -> str:
-    """The first top-level statement of `text` (a function: its `def` line and its body)."""
+    """The first top-level statement of `text` (a function: its `def` line and its body).
+
+    When no top-level line follows (the token budget ran out inside the body), the last line is
+    dropped: it was cut mid-way by the budget, not ended by the model.
+    """
     m = _TOP_LEVEL.search(text)
-    return (text[: m.start()] if m else text).rstrip()
+    if m:
+        return text[: m.start()].rstrip()
+    head, newline, _ = text.rpartition("\n")
+    return (head if newline else text).rstrip()
 
 
 def brackets_balanced(text: str) -> bool:
@@ -45,6 +53,7 @@ def parses(text: str) -> bool:
 
 @dataclass(frozen=True)
 class PythonShape:
+    signature: bool  # it opens as `def name(`
     indented: bool  # a body line starts with whitespace
     has_return: bool
     balanced: bool  # (), [] and {} all close, in order
@@ -54,6 +63,7 @@ class PythonShape:
     def of(cls, function: str) -> PythonShape:
         body = function.split("\n")[1:]
         return cls(
+            signature=bool(_SIGNATURE.match(function)),
             indented=any(line[:1] in (" ", "\t") and line.strip() for line in body),
             has_return=bool(_RETURN.search(function)),
             balanced=brackets_balanced(function),
@@ -62,13 +72,13 @@ class PythonShape:
 
 
 def shape_summary(shapes: list[PythonShape]) -> str:
-    """'indented 3/3, return 2/3, balanced brackets 3/3, parses 1/3'."""
+    """'signature 3/3, indented 3/3, return 2/3, balanced brackets 3/3, parses 1/3'."""
     n = len(shapes)
 
     def count(field: str) -> str:
         return f"{sum(getattr(s, field) for s in shapes)}/{n}"
 
     return (
-        f"indented {count('indented')}, return {count('has_return')}, "
+        f"signature {count('signature')}, indented {count('indented')}, return {count('has_return')}, "
         f"balanced brackets {count('balanced')}, parses {count('parses')}"
     )
