@@ -6,6 +6,7 @@ the next top-level line) and counts the shape checks of crucible/evaluate/code_s
 many started with the double space a bare trailing-space token produces ("def  x").
 
     python bench/sample_shape.py runs/quickstart --n 60 --temperatures 0.6,0.8,1.0
+    python bench/sample_shape.py runs/quickstart --top-k 50 --top-p 1   # top-k instead
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from crucible.evaluate.code_shape import PythonShape
-from crucible.quickstart import SAMPLE_MAX_TOKENS, sample_functions
+from crucible.quickstart import SAMPLE_MAX_TOKENS, SAMPLE_TOP_P, sample_functions
 from crucible.runs import load_run_model
 from crucible.tokenizer.train import load_tokenizer
 
@@ -30,12 +31,16 @@ def main() -> None:
     ap.add_argument("--temperatures", default="0.6,0.8,1.0")
     ap.add_argument("--max-new-tokens", default=str(SAMPLE_MAX_TOKENS), help="comma list")
     ap.add_argument("--healing", default="on,off", help="token healing settings to compare")
+    ap.add_argument("--top-k", type=int, default=0, help="0: no top-k")
+    ap.add_argument("--top-p", type=float, default=SAMPLE_TOP_P, help="1: no nucleus sampling")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed of every row")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, _, ckpt = load_run_model(args.run_dir)
     tok = load_tokenizer(args.run_dir / "tokenizer.json")
-    print(f"# {ckpt}, {args.n} samples per row, seed 0, top-k 50, torch {torch.__version__}, "
+    print(f"# {ckpt}, {args.n} samples per row, seed {args.seed}, top-k {args.top_k or None}, "
+          f"top-p {args.top_p}, torch {torch.__version__}, "
           f"{os.cpu_count()} cores")  # fmt: skip
     print("| token healing | temperature | max new tokens | signature | indented | return "
           "| balanced brackets | parses | starts 'def  ' |")  # fmt: skip
@@ -43,8 +48,10 @@ def main() -> None:
     for heal in args.healing.split(","):
         for budget in [int(b) for b in args.max_new_tokens.split(",")]:
             for temp in [float(t) for t in args.temperatures.split(",")]:
-                samples = sample_functions(model, tok, n=args.n, temperature=temp,
-                                           max_new_tokens=budget, token_healing=heal == "on")  # fmt: skip
+                samples = sample_functions(model, tok, n=args.n, seed=args.seed, temperature=temp,
+                                           max_new_tokens=budget, token_healing=heal == "on",
+                                           top_k=args.top_k or None,
+                                           top_p=args.top_p if args.top_p < 1 else None)  # fmt: skip
                 shapes = [PythonShape.of(p + t) for p, t in samples]
 
                 def pct(field: str, shapes=shapes) -> str:

@@ -245,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         "quickstart",
         help="the whole path on the embedded corpus in a few minutes (no network)",
         description="Train a tokenizer on the Python standard library, tokenize it into shards, "
-        "pretrain the `tiny` preset, report validation bits-per-byte, sample text, export to "
-        "the Hugging Face layout and reload it with transformers. Output: runs/quickstart/.",
+        "pretrain the `tiny-speedrun` preset, report validation bits-per-byte, sample three "
+        "functions from `def ` with their Python shape, export to the Hugging Face layout and "
+        "reload it with transformers. Output: runs/quickstart/.",
     )
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--out-dir", default="runs", help="parent of the run directory")

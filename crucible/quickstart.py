@@ -30,7 +30,7 @@ QUICKSTART_PRESET = "tiny-speedrun"
 # of its samples opened with a proper `def name(` against 85% after a newline), each cut where
 # its body ends. Temperature and budget: measured over 60 samples (docs/evaluation.md, "Samples").
 SAMPLE_PROMPT, NUM_SAMPLES = "\ndef ", 3
-SAMPLE_TEMPERATURE, SAMPLE_TOP_K, SAMPLE_MAX_TOKENS = 0.8, 50, 160
+SAMPLE_TEMPERATURE, SAMPLE_TOP_P, SAMPLE_MAX_TOKENS = 0.8, 0.9, 160
 MARKER = ".crucible-quickstart"
 
 
@@ -39,7 +39,7 @@ def sample_functions(
 ) -> list[tuple[str, str]]:
     """(prompt, continuation) pairs from `def `, each continuation cut at the function's end."""
     gen = torch.Generator().manual_seed(seed)
-    opts = dict(temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K, generator=gen) | sampling
+    opts = dict(temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, generator=gen) | sampling
     eos, shown = eos_id(tokenizer), SAMPLE_PROMPT.lstrip("\n")
     budget = opts.pop("max_new_tokens", SAMPLE_MAX_TOKENS)
     out = []
