@@ -25,10 +25,11 @@ from crucible.train.metrics import console, format_duration
 # The winning CPU recipe (tiny + Muon + zero-init + LR 1e-2): see the preset file for the
 # measurements behind it.
 QUICKSTART_PRESET = "tiny-speedrun"
-# Three functions sampled from "def " at the start of a line (the prompt is "\ndef ": in the
-# corpus `def` follows a newline; alone at position 0 the model reads it as any word, and 35%
-# of its samples opened with a proper `def name(` against 85% after a newline), each cut where
-# its body ends. Temperature and budget: measured over 60 samples (docs/evaluation.md, "Samples").
+# Three functions sampled from "def " at the start of a line, each cut where its body ends. The
+# prompt is "\ndef ": in the corpus `def` follows a newline, and alone at position 0 the model
+# reads it as any word (35% of samples opened with a proper `def name(`, 85% after a newline:
+# docs/results/quickstart-samples-2026-12-02/prompt-prefix.txt). Temperature, nucleus and budget
+# were measured over 60-100 samples per setting (docs/evaluation.md, "Samples").
 SAMPLE_PROMPT, NUM_SAMPLES = "\ndef ", 3
 SAMPLE_TEMPERATURE, SAMPLE_TOP_P, SAMPLE_MAX_TOKENS = 0.8, 0.9, 160
 MARKER = ".crucible-quickstart"
