@@ -430,3 +430,25 @@ def test_train_moe_and_resume_bit_exact(small_overrides) -> None:
     assert a["layers.0.mlp.expert_bias"].abs().sum() > 0  # the bias moved
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_router_reads_the_fp32_norm_output_under_autocast():
+    """Dense projections share one bf16 cast of their input; the router must not get it (near-ties
+    between experts flip when its input is rounded to bf16)."""
+    cfg = load_config("tiny-moe", ["model.num_layers=2"]).model
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    seen: dict[str, torch.dtype] = {}
+
+    def record(name):
+        def hook(module, args) -> None:
+            seen.setdefault(name, args[0].dtype)
+
+        return hook
+
+    layer = model.layers[0]
+    layer.mlp.register_forward_pre_hook(record("moe"))
+    layer.self_attn.q_proj.register_forward_pre_hook(record("q_proj"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, cfg.vocab_size, (1, 16)))
+    assert seen == {"moe": torch.float32, "q_proj": torch.bfloat16}

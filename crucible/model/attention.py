@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crucible.config import ModelConfig
+from crucible.model.autocast import autocast_input
 from crucible.model.norm import RMSNorm
 from crucible.model.rope import apply_rope
 
@@ -275,6 +276,7 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
+        x = autocast_input(x)  # q, k and v read it: one cast, not three
         gate = None
         if self.output_gate:
             q, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * self.head_dim).chunk(2, -1)

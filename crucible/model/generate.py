@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
@@ -123,16 +124,10 @@ def generate(
     )
 
 
-_TOKEN_TEXTS: dict[int, tuple[object, list[str]]] = {}
-
-
+@functools.lru_cache(maxsize=4)
 def token_texts(tokenizer) -> list[str]:
-    """The decoded text of every token id (cached per tokenizer object)."""
-    hit = _TOKEN_TEXTS.get(id(tokenizer))
-    if hit is None or hit[0] is not tokenizer:
-        texts = tokenizer.decode_batch([[i] for i in range(tokenizer.get_vocab_size())])
-        hit = _TOKEN_TEXTS[id(tokenizer)] = (tokenizer, texts)
-    return hit[1]  # type: ignore[return-value]
+    """The decoded text of every token id (cached for the last few tokenizers)."""
+    return tokenizer.decode_batch([[i] for i in range(tokenizer.get_vocab_size())])
 
 
 def heal_prompt(tokenizer, ids: list[int]) -> tuple[list[int], str, Tensor | None]:

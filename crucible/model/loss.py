@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from crucible.model.autocast import active_autocast_dtype
+
 IGNORE_INDEX = -100
 
 
@@ -62,10 +64,7 @@ def _ce_lse(h: Tensor, w: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _matmul_dtype(w: Tensor) -> torch.dtype:
-    device = w.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return w.dtype
+    return active_autocast_dtype(w.device.type) or w.dtype
 
 
 class _SummedLinearCrossEntropy(torch.autograd.Function):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crucible.model.autocast import autocast_input
+
 
 class MLP(nn.Module):
     """down(silu(gate(x)) * up(x)), with Llama's parameter names and no biases."""
@@ -16,4 +18,5 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = autocast_input(x)  # gate and up read it: one cast, not two
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

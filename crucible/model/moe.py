@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crucible.config import ModelConfig, MoEConfig
+from crucible.model.autocast import active_autocast_dtype
 from crucible.model.mlp import MLP
 
 # --------------------------------------------------------------------------- routing
@@ -102,9 +103,7 @@ def _pick_dispatch(choice: str, x: Tensor, down: Tensor) -> str:
         return choice
     # On CPU torch's grouped_mm is itself a loop, and slower than ours for bf16 (measured).
     hidden, inner = down.shape[1], down.shape[2]
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = active_autocast_dtype(x.device.type) or x.dtype
     if x.device.type == "cuda" and grouped_mm_works(x.device, dtype, hidden, inner):
         return "grouped_mm"
     return "loop"
@@ -116,8 +115,8 @@ def expert_swiglu(
     """SwiGLU of every expert on its slice of x [N, D], sorted by expert with `counts` [E] rows
     each: down_e(silu(gate_e(x)) * up_e(x)) with gate_up [E, 2I, D] and down [E, D, I]."""
     if dispatch == "grouped_mm":
-        if torch.is_autocast_enabled(x.device.type):  # cast as autocast would for a matmul
-            dt = torch.get_autocast_dtype(x.device.type)
+        dt = active_autocast_dtype(x.device.type)
+        if dt is not None:  # cast as autocast would for a matmul
             x, gate_up, down = x.to(dt), gate_up.to(dt), down.to(dt)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs)

@@ -17,6 +17,7 @@ from crucible.model.attention import (
     offset_causal_mask,
     positions_from_doc_ids,
 )
+from crucible.model.autocast import active_autocast_dtype
 from crucible.model.deltanet import GatedDeltaNet
 from crucible.model.loss import linear_cross_entropy
 from crucible.model.mlp import MLP
@@ -33,20 +34,6 @@ class ModelOutput:
     # MoE, training forward passes: moe_aux_loss and moe_z_loss (unweighted, mean over layers;
     # the balance loss is 1.0 when balanced) and moe_loss, the weighted sum included in `loss`.
     aux: dict[str, Tensor] = field(default_factory=dict)
-
-
-def autocast_input(h: Tensor) -> Tensor:
-    """Under autocast, cast a normalised input to the autocast dtype once for all its consumers.
-
-    Autocast casts activations per op, so q/k/v (and gate/up) would each make their own bf16 copy
-    of the same fp32 tensor, and backward would cast each gradient back: 4 of the 13 copies per
-    layer in a CPU profile. The values are identical; only the sum of the consumers' gradients
-    runs in bf16 instead of fp32.
-    """
-    device = h.device.type
-    if torch.is_autocast_enabled(device):
-        return h.to(torch.get_autocast_dtype(device))
-    return h
 
 
 class Block(nn.Module):
@@ -76,12 +63,12 @@ class Block(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Returns the new residual stream and the MoE layer's auxiliary losses (or {}).
         starts [B, T]: document starts, where a linear layer resets its state (doc masking)."""
-        h = autocast_input(self.input_layernorm(x))
+        h = self.input_layernorm(x)
         if self.is_linear:
             x = x + self.linear_attn(h, cache, starts)
         else:
             x = x + self.self_attn(h, cos, sin, mask, cache)
-        h = autocast_input(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             y, aux = self.mlp(h)
             return x + y, aux
@@ -276,9 +263,7 @@ class Transformer(nn.Module):
     ) -> AttentionMask:
         if doc_ids is not None:
             cfg = self.cfg
-            dtype = self.embed.weight.dtype
-            if torch.is_autocast_enabled(device.type):
-                dtype = torch.get_autocast_dtype(device.type)
+            dtype = active_autocast_dtype(device.type) or self.embed.weight.dtype
             return doc_attention_mask(
                 doc_ids, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, dtype
             )

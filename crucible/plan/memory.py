@@ -128,7 +128,7 @@ def activation_tensors(
     autocast (crucible's engine, checked against autograd's saved tensors in the tests): the
     residual stream is fp32, so each RMSNorm keeps an fp32 input and an fp32 normalised value,
     and its output is cast to bf16 once for all the projections that read it
-    (`crucible.model.transformer.autocast_input`); SDPA returns its output in the
+    (`crucible.model.autocast.autocast_input`); SDPA returns its output in the
     [tokens, heads x head_dim] layout, so the output projection reads it without a copy.
     selective: silu(gate) and the product are recomputed in backward from gate and up (a few %
     more FLOPs); under autocast the down projection's input cast goes too, as it is recomputed.
